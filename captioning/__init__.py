@@ -1,0 +1,1 @@
+"""Stage 1b: sidecar captions for a prepared training folder."""

@@ -1,0 +1,222 @@
+"""`prepare_folder`: a folder of raw pictures → a Kohya repeat folder, resumable and safe for the originals."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lorasmith.prep.captions import sync_captions
+from lorasmith.prep.files import sha256_file
+from lorasmith.prep.layout import RepeatFolder, output_stems, repeat_folder_name, repeat_folders, scan_sources
+from lorasmith.prep.picture import Outcome, PrepOptions, prepare_picture
+from lorasmith.prep.report import Report, load_report, save_report
+from lorasmith.prep.sizing import auto_repeats
+
+REPORT_EVERY_S = 10.0
+"""How often the report is saved mid-run, so an interrupted run still knows what it finished."""
+
+
+class UsageError(Exception):
+    """The command cannot start as asked; the message says what to change."""
+
+
+@dataclass
+class FolderResult:
+    report: Report
+    folder: Path | None
+    report_path: Path
+    reused: int = 0
+    fresh: set[str] = field(default_factory=set)
+    messages: list[str] = field(default_factory=list)
+
+
+def validate_paths(src: Path, dst: Path) -> None:
+    if not src.is_dir():
+        raise UsageError(f"SRC {src} is not a folder: give the folder that holds your pictures")
+    if dst.resolve() == src.resolve():
+        raise UsageError(f"--out {dst} is SRC itself: give a separate folder so the originals stay untouched")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"--out {dst} is a file: give a folder")
+
+
+def find_concept_folder(dst: Path, name: str) -> RepeatFolder | None:
+    """The `<n>_<name>` folder an earlier run made in `dst`, renamed in place when the repeat count changes."""
+    if not dst.is_dir():
+        return None
+    mine = [f for f in repeat_folders(dst) if f.tokens == name]
+    if len(mine) > 1:
+        listed = ", ".join(f.path.name for f in mine)
+        raise UsageError(f"{dst} holds several folders for {name!r} ({listed}): keep one, or pick another --out")
+    return mine[0] if mine else None
+
+
+def _rel(path: Path, src: Path) -> str:
+    return path.relative_to(src).as_posix()
+
+
+def _reusable(prev: Outcome | None, source: Path, folder: Path, stem: str, same_setup: bool) -> bool:
+    """Whether an earlier outcome still describes `source` exactly, so its work need not be done again."""
+    if prev is None or not same_setup or prev.status == "failed":
+        return False
+    if prev.status == "skipped" and (prev.reason or "").startswith("exact duplicate"):
+        return False  # the picture it duplicated may have changed since
+    try:
+        stat = source.stat()
+    except OSError:
+        return False
+    if prev.status == "written" and (prev.output != f"{stem}.png" or not (folder / prev.output).is_file()):
+        return False
+    if prev.bytes == stat.st_size and prev.mtime_ns == stat.st_mtime_ns:
+        return True
+    if prev.bytes != stat.st_size or sha256_file(source) != prev.sha256:
+        return False
+    prev.mtime_ns = stat.st_mtime_ns  # touched, not changed
+    return True
+
+
+def _work(job: tuple[Path, Path, PrepOptions, Outcome]) -> Outcome:
+    return prepare_picture(*job)
+
+
+def _results(jobs: list, workers: int) -> Iterator[Outcome]:
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_work, jobs)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with context.Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap(_work, jobs, chunksize=1)
+
+
+def prepare_folder(
+    src: Path,
+    dst: Path,
+    name: str,
+    options: PrepOptions,
+    repeats: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> FolderResult:
+    """Prepare every picture below `src` into `dst/<repeats>_<name>/` and write `dst/prep_report.json`.
+
+    `repeats=None` means Kohya's guidance for however many pictures end up written. Pictures that an
+    earlier run already prepared with the same options are not touched again.
+    """
+    validate_paths(src, dst)
+    sources = scan_sources(src, exclude=[dst])
+    existing = find_concept_folder(dst, name)
+    folder = existing.path if existing else dst / repeat_folder_name(repeats or auto_repeats(len(sources)), name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.part"):
+        stale.unlink()
+
+    previous = load_report(dst)
+    same_setup = bool(previous and previous.options == options.fingerprint() and previous.src == str(src.resolve()))
+    prev_by_source = {e.source: e for e in previous.entries} if previous else {}
+    report = Report(str(src.resolve()), None, name, None, options.fingerprint())
+    stems = output_stems(sources, src)
+
+    plan: list[Outcome | None] = []
+    jobs = []
+    for source in sources:
+        rel = _rel(source, src)
+        prev = prev_by_source.get(rel)
+        if _reusable(prev, source, folder, stems[source], same_setup):
+            plan.append(prev)
+            continue
+        stat = source.stat() if source.exists() else None
+        outcome = Outcome(rel, "failed", sha256=None, bytes=stat.st_size if stat else None,
+                          mtime_ns=stat.st_mtime_ns if stat else None)
+        if stat is not None and source.is_file():
+            try:
+                outcome.sha256 = sha256_file(source)
+            except OSError:
+                pass
+        jobs.append((source, folder / f".{stems[source]}.png.part", options, outcome))
+        plan.append(None)
+
+    result = FolderResult(report, folder, dst / "prep_report.json")
+    kept: dict[str, str] = {}
+    fresh = _results(jobs, workers)
+    job_iter = iter(jobs)
+    last_save = time.monotonic()
+    bar = tqdm(total=len(sources), desc="prep-images", unit="img", disable=not progress, file=sys.stderr)
+    for source, planned in zip(sources, plan):
+        if planned is not None:
+            outcome, temp = planned, None
+        else:
+            outcome, temp = next(fresh), next(job_iter)[1]
+            result.fresh.add(outcome.source)
+        _settle(outcome, temp, folder, stems[source], kept)
+        result.reused += planned is not None and outcome.status == "written"
+        if outcome.status == "written":
+            outcome.captions = sync_captions(source, folder / outcome.output, outcome.captions)
+        report.entries.append(outcome)
+        bar.update(1)
+        if time.monotonic() - last_save > REPORT_EVERY_S:
+            save_report(dst, report)
+            last_save = time.monotonic()
+    bar.close()
+
+    _retire_old_outputs(previous, report, folder, src, result)
+    written = report.counts()["written"]
+    final_repeats = repeats or auto_repeats(written)
+    final = dst / repeat_folder_name(final_repeats, name)
+    if final != folder:
+        if final.exists():
+            raise UsageError(f"cannot rename {folder.name} to {final.name}: {final} already exists")
+        folder.rename(final)
+        folder = final
+    report.folder, report.repeats = folder.name, final_repeats
+    result.folder = folder
+    result.report_path = save_report(dst, report)
+    return result
+
+
+def _settle(outcome: Outcome, temp: Path | None, folder: Path, stem: str, kept: dict[str, str]) -> None:
+    """Move a fresh output into place, unless an earlier source had exactly the same pixels."""
+    duplicate_of = kept.get(outcome.pixel_hash) if outcome.status == "written" else None
+    if duplicate_of is not None:
+        outcome.status, outcome.reason = "skipped", f"exact duplicate of {duplicate_of}"
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+        elif outcome.output and (folder / outcome.output).is_file():
+            (folder / outcome.output).unlink()
+        outcome.output = None
+        return
+    if outcome.status == "written":
+        kept[outcome.pixel_hash] = outcome.source
+        outcome.output = f"{stem}.png"
+        if temp is not None:
+            os.replace(temp, folder / outcome.output)
+
+
+def _retire_old_outputs(
+    previous: Report | None, report: Report, folder: Path, src: Path, result: FolderResult
+) -> None:
+    """Remove outputs of ours that no entry claims any more (renamed after a new name clash, or now a duplicate).
+
+    Outputs whose source has vanished stay: they may be the only copy of the user's picture left.
+    """
+    if previous is None:
+        return
+    claimed = {e.output for e in report.entries if e.output}
+    current = {e.source for e in report.entries}
+    orphans = 0
+    for entry in previous.entries:
+        if not entry.output or entry.output in claimed:
+            continue
+        if entry.source in current:
+            (folder / entry.output).unlink(missing_ok=True)
+        elif (folder / entry.output).is_file():
+            orphans += 1
+    if orphans:
+        result.messages.append(
+            f"{orphans} output(s) in {folder.name} have no source in {src} any more; they were left in place"
+        )

@@ -1,0 +1,1 @@
+"""Stage 2: LoRA training from a preset."""
