@@ -141,12 +141,12 @@ def _deep_to_l(image: Image.Image) -> Image.Image:
     low, high = image.getextrema()
     if image.mode == "F":
         scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1e-12)
-        return image.point(lambda v: v * scale).convert("L")
+        return image.point(lambda v: v * scale + 0.5).convert("L")
     image = image.convert("I")
     if high <= 255:
         return image.convert("L")
     scale = 255.0 / 65535.0 if high <= 65535 else 255.0 / high
-    return image.point(lambda v: v * scale).convert("L")
+    return image.point(lambda v: v * scale + 0.5).convert("L")
 
 
 def _apply_icc(image: Image.Image, icc: bytes, notes: list[str]) -> Image.Image:
