@@ -23,7 +23,7 @@ repeats:
   objects 30-100, and relies on more epochs instead. Set --repeats N to follow it.
 
 exit codes: 0 every picture written or deliberately skipped, 1 some picture failed (or was skipped
-under --strict), 2 usage error. prep_report.json in --out lists every input with its reason.
+under --strict), 2 usage error (bad SRC/DST/NAME, SRC without pictures). prep_report.json in --out lists every input with its reason.
 """
 
 
@@ -128,9 +128,6 @@ def _summarise(result, strict: bool) -> int:
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
     counts = report.counts()
-    if not report.entries:
-        print(f"prep-images: error: no files found in {report.src}", file=sys.stderr)
-        return 1
     print(
         f"prep-images: {counts['written']} written ({counts['written'] - result.reused} new, {result.reused} up to "
         f"date), {counts['skipped']} skipped, "

@@ -110,10 +110,12 @@ def prepare_folder(
     """
     validate_paths(src, dst)
     sources = scan_sources(src, exclude=[dst])
+    if not sources:
+        raise UsageError(f"SRC {src} holds no files to prepare (hidden files and captions are not pictures)")
     existing = find_concept_folder(dst, name)
     folder = existing.path if existing else dst / repeat_folder_name(repeats or auto_repeats(len(sources)), name)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.part"):
+    for stale in [*folder.glob(".*.part"), *dst.glob(".*.part")]:
         stale.unlink()
 
     previous = load_report(dst)

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/prep-images ] || bash scripts/setup.sh
-.venv/bin/prep-images datasets_example/raw --out out/example --name "claymation style"
+OUT=${LORASMITH_EXAMPLE_OUT:-out/example}
+.venv/bin/prep-images datasets_example/raw --out "$OUT" --name "claymation style"

@@ -1,6 +1,7 @@
 """`prep-images` as a user runs it: a subprocess over the bundled example and over bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,19 @@ def test_help_lists_every_option_with_its_default_and_imports_no_torch():
     for flag in ("--no-upscale", "--dry-run", "--strict", "--workers", "--quiet"):
         assert flag in text
     assert "anime/illustration 7-15" in text
+
+
+def test_empty_src_is_a_usage_error(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "only.txt").write_text("a caption without a picture")
+    done = prep(tmp_path / "src", "--out", tmp_path / "out", "--name", "x", "--quiet")
+    assert done.returncode == 2 and "holds no files to prepare" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "prep-images").exists(), reason="README's .venv not set up")
+def test_readme_example_command(tmp_path):
+    done = subprocess.run(["bash", str(REPO / "scripts" / "example.sh")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "LORASMITH_EXAMPLE_OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "137_claymation style").glob("*.png"))) == 11
