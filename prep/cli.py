@@ -27,7 +27,7 @@ under --strict), 2 usage error (bad SRC/DST/NAME, SRC without pictures). prep_re
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows every option's default, except where there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn a folder of pictures into a Kohya training folder DST/<repeats>_<NAME>/ of clean RGB "
         "PNGs whose sides are multiples of 64. Originals are only read, never changed.",
         epilog=EPILOG,
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", type=Path, help="folder of pictures (searched recursively)")
     parser.add_argument("--out", "-o", dest="dst", metavar="DST", type=Path, required=True,

@@ -120,3 +120,19 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory) -> Path:
+    """A random-weight BLIP folder built from a config (no download), shared by the whole session."""
+    from lorasmith.captioning.tiny import build_blip
+
+    return build_blip(tmp_path_factory.mktemp("tiny-blip"))
+
+
+def training_root(root: Path, folders: dict[str, int]) -> Path:
+    """A Kohya training root: {'10_clay': 3} makes 10_clay/ with three distinct 96×64 PNGs."""
+    for name, count in folders.items():
+        for i in range(count):
+            make_image(root / name / f"img{i}.png", size=(96, 64), seed=i + 10 * len(name))
+    return root

@@ -1,0 +1,131 @@
+"""`caption-folder`: the command-line face of stage 1b. Exit codes: 0 done, 1 some picture failed, 2 usage/model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorasmith.captioning.text import DEFAULT_SEPARATOR
+from lorasmith.prep.cli import HelpFormatter
+
+EPILOG = """\
+Captions are written as `prefix, caption, postfix`: Kohya's keep_tokens and caption shuffling count
+comma-separated tokens, so the trigger phrase must be the first token. A prefix the caption already
+holds is never doubled. Captions already beside a picture (the user's work) are kept unless --overwrite;
+an empty caption file counts as missing.
+
+Sampling: Kohya's default is nucleus sampling (top-p 0.9, seed 42), which gives livelier captions but
+depends on the batch a picture lands in; --beam-search is deterministic (same caption at any batch size).
+
+exit codes: 0 done, 1 some picture could not be read (the rest were captioned), 2 usage error or model
+not available (nothing written).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorasmith.captioning.blip import DEFAULT_BLIP
+    from lorasmith.captioning.wd14 import DEFAULT_WD14
+
+    p = argparse.ArgumentParser(
+        prog="caption-folder",
+        description="Write a sidecar caption (<stem>.txt) beside every picture of a training folder: one repeat "
+        "folder (10_clay), or a training root holding several.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("dir", metavar="DIR", type=Path, help="repeat folder or training root")
+    p.add_argument("--prefix", default="", help="trigger phrase put first in every caption, e.g. 'claymation style'")
+    p.add_argument("--postfix", default="", help="words put last in every caption, e.g. 'high quality'")
+    p.add_argument("--separator", default=DEFAULT_SEPARATOR, help="joins prefix, caption and postfix")
+    p.add_argument("--caption-extension", default=".txt",
+                   help="sidecar extension; Kohya's captioner writes .caption, which its trainer ignores unless told")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions instead of keeping them")
+    p.add_argument("--prefix-only", action="store_true",
+                   help="run no model: add or normalise prefix/postfix on existing captions (a bare prefix where none)")
+    p.add_argument("--captioner", choices=("blip", "wd14", "blip+wd14"), default="blip",
+                   help="BLIP sentences (photos, objects, styles), WD14 booru tags (anime), or the sentence then the tags")
+    p.add_argument("--model", default=DEFAULT_BLIP, help="BLIP hub id or local folder")
+    p.add_argument("--beam-search", action="store_true", help="beam search instead of nucleus sampling")
+    p.add_argument("--num-beams", type=int, default=1, help="beams with --beam-search (3-5 gives fuller sentences)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling cut-off")
+    p.add_argument("--min-length", type=int, default=5, help="shortest caption in tokens")
+    p.add_argument("--max-length", type=int, default=75, help="longest caption in tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="pictures per model call; lower it if memory runs out")
+    p.add_argument("--seed", type=int, default=42, help="random seed for sampling")
+    p.add_argument("--wd14-model", default=DEFAULT_WD14, help="WD14 hub id or folder with model.onnx + selected_tags.csv")
+    p.add_argument("--general-threshold", type=float, default=0.35, help="WD14 confidence for general tags")
+    p.add_argument("--character-threshold", type=float, default=0.85,
+                   help="WD14 confidence for character tags (Kohya uses 0.35 for both)")
+    p.add_argument("--undesired-tags", default="", help="comma-separated WD14 tags never written")
+    p.add_argument("--keep-underscores", action="store_true", help="keep WD14's long_hair instead of long hair")
+    p.add_argument("--rating-tags", action="store_true", help="add WD14's rating tag (general, sensitive, ...)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA in fp16 when present")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _captioner(args):
+    from lorasmith.captioning.blip import BlipCaptioner, BlipSettings
+    from lorasmith.captioning.wd14 import Wd14Settings, Wd14Tagger
+
+    blip = wd14 = None
+    if "blip" in args.captioner:
+        blip = BlipCaptioner(BlipSettings(args.model, args.beam_search, args.num_beams, args.top_p,
+                                          args.min_length, args.max_length), args.device)
+    if "wd14" in args.captioner:
+        undesired = tuple(t.strip() for t in args.undesired_tags.split(",") if t.strip())
+        wd14 = Wd14Tagger(Wd14Settings(args.wd14_model, args.general_threshold, args.character_threshold,
+                                       undesired, not args.keep_underscores, args.rating_tags), args.device)
+    if blip and wd14:
+        return Combined(blip, wd14), blip.input_size
+    return (blip, blip.input_size) if blip else (wd14, wd14.input_size)
+
+
+class Combined:
+    """The BLIP sentence, then the WD14 tags: a readable caption with the details tags catch."""
+
+    name = "blip+wd14"
+
+    def __init__(self, blip, wd14):
+        self.blip, self.wd14 = blip, wd14
+
+    def caption(self, images):
+        return [", ".join(p for p in (b, t) if p) for b, t in zip(self.blip.caption(images), self.wd14.caption(images))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lorasmith.captioning.folder import CaptionOptions, add_prefixes, caption_folder, find_images, plan
+    from lorasmith.captioning.hub import ModelNotFound
+
+    options = CaptionOptions(args.prefix, args.postfix, args.separator, args.caption_extension, args.overwrite,
+                             args.batch_size)
+    try:
+        images = find_images(args.dir)
+        if not images:
+            raise ValueError(f"{args.dir} holds no pictures (nor do repeat folders inside it)")
+        jobs = plan(images, options)
+        if args.prefix_only:
+            summary = add_prefixes(jobs, options, args.dry_run)
+        else:
+            if all(j.existing for j in jobs) and not args.overwrite:
+                summary = caption_folder(jobs, None, options, dry_run=args.dry_run, progress=False)
+            else:
+                import torch
+
+                torch.manual_seed(args.seed)
+                captioner, size = _captioner(args)
+                summary = caption_folder(jobs, captioner, options, size, args.dry_run, not args.quiet)
+    except (ModelNotFound, ValueError) as exc:
+        print(f"caption-folder: error: {exc}", file=sys.stderr)
+        return 2
+    for path, text in summary.planned:
+        print(f"would write {path}: {text}")
+    for path, reason in summary.failed:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    print(f"caption-folder: {summary.line()} in {args.dir}" + (" (dry run: nothing written)" if args.dry_run else ""))
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
