@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorasmith.captioning.text import DEFAULT_SEPARATOR
+from lorasmith.captioning.text import DEFAULT_SEPARATOR, has_prefix
 from lorasmith.prep.cli import HelpFormatter
 
 EPILOG = """\
@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"would write {path}: {text}")
     for path, reason in summary.failed:
         print(f"error: {path}: {reason}", file=sys.stderr)
+    unprefixed = [j for j in jobs if j.existing and args.prefix.strip() and not has_prefix(j.existing, args.prefix)]
+    if unprefixed and not args.prefix_only and not args.overwrite:
+        print(f"note: {len(unprefixed)} kept caption(s) do not start with {args.prefix!r} (e.g. {unprefixed[0].caption.name}); "
+              "add it with --prefix-only", file=sys.stderr)
     print(f"caption-folder: {summary.line()} in {args.dir}" + (" (dry run: nothing written)" if args.dry_run else ""))
     return 1 if summary.failed else 0
 

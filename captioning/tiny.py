@@ -57,3 +57,22 @@ def build_blip(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     processor.save_pretrained(folder)
     model.save_pretrained(folder)
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lorasmith.captioning.tiny", description=__doc__)
+    parser.add_argument("folder", type=Path, help="where to write the model (a normal transformers folder)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    args = parser.parse_args(argv)
+    if (args.folder / "config.json").exists():
+        print(f"{args.folder} already holds a model; kept")
+        return 0
+    build_blip(args.folder, args.size)
+    print(f"random-weight BLIP ({args.size}) written to {args.folder}: for smoke runs, not real captions")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,6 +44,7 @@ def test_cli_captions_a_training_root(tmp_path, tiny_blip):
     assert done.returncode == 0, done.stderr
     assert "3 captioned, 1 kept, 0 prefixed, 0 failed" in done.stdout
     assert (root / "10_clay" / "img0.txt").read_text(encoding="utf-8") == "hand written\n"
+    assert "note: 1 kept caption(s) do not start with 'claymation style' (e.g. img0.txt)" in done.stderr
     for path in [root / "10_clay" / "img1.txt", root / "10_clay" / "img2.txt", root / "2_reg" / "img0.txt"]:
         text = path.read_text(encoding="utf-8")
         assert text.startswith("claymation style, ") and len(text) > len("claymation style, \n")

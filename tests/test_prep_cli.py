@@ -132,4 +132,8 @@ def test_readme_example_command(tmp_path):
     done = subprocess.run(["bash", str(REPO / "scripts" / "example.sh")], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "LORASMITH_EXAMPLE_OUT": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert len(list((tmp_path / "137_claymation style").glob("*.png"))) == 11
+    folder = tmp_path / "137_claymation style"
+    assert len(list(folder.glob("*.png"))) == 11
+    captions = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.txt")}
+    assert len(captions) == 11 and all(c.startswith("claymation style, ") for c in captions.values())
+    assert captions["clay_blob_red"] == "claymation style, a red and a yellow clay blob on a table\n"  # kept
