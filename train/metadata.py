@@ -1,0 +1,88 @@
+"""The metadata Kohya's trainer writes (`ss_*`) and the Stability model spec (`modelspec.*`).
+
+UIs read them to show what a LoRA was trained on and with what settings; ss_tag_frequency feeds the tag
+lists A1111 and Forge show beside a LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+
+from lorasmith.captioning.text import tokens
+
+NETWORK_MODULE = "networks.lora"
+
+
+def tag_frequency(items) -> dict[str, dict[str, int]]:
+    """Per dataset folder, how many captions hold each token (Kohya's ss_tag_frequency)."""
+    freq: dict[str, Counter] = {}
+    for item in items:
+        freq.setdefault(item.image.parent.name, Counter()).update(set(tokens(item.caption)))
+    return {folder: dict(counter) for folder, counter in freq.items()}
+
+
+def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float, prediction_type: str,
+                   session: str | None = None) -> dict[str, str]:
+    n, o, t, opt, d = config.network, config.output, config.training, config.optimizer, config.dataset
+    network_args = {"conv_dim": n.conv_dim, "conv_alpha": n.conv_alpha} if n.conv_dim else {}
+    dirs = {name: {"n_repeats": repeats, "img_count": sum(1 for i in dataset.items if i.image.parent.name == name)}
+            for name, repeats in dataset.folders.items()}
+    trigger = o.trigger_phrase or next(iter(dataset.folders), "").split("_", 1)[-1]
+    res = f"{d.resolution}x{d.resolution}"
+    return {
+        "ss_session_id": session or uuid.uuid4().hex,
+        "ss_training_started_at": f"{started:.0f}",
+        "ss_training_finished_at": f"{time.time():.0f}",
+        "ss_output_name": o.output_name,
+        "ss_sd_model_name": config.model.pretrained_model,
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": n.network_dim,
+        "ss_network_alpha": n.network_alpha,
+        "ss_network_dropout": n.network_dropout,
+        "ss_network_args": json.dumps(network_args),
+        "ss_resolution": f"({d.resolution}, {d.resolution})",
+        "ss_num_train_images": plan.image_views,
+        "ss_num_reg_images": dataset and len(dataset.reg_items),
+        "ss_num_batches_per_epoch": plan.batches_per_epoch,
+        "ss_num_epochs": plan.epochs,
+        "ss_epoch": epoch,
+        "ss_steps": step,
+        "ss_max_train_steps": plan.total_steps,
+        "ss_batch_size_per_device": t.train_batch_size,
+        "ss_total_batch_size": t.train_batch_size * plan.processes * t.gradient_accumulation_steps,
+        "ss_gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "ss_learning_rate": opt.learning_rate,
+        "ss_unet_lr": opt.unet_lr or opt.learning_rate,
+        "ss_text_encoder_lr": opt.text_encoder_lr,
+        "ss_optimizer": opt.optimizer_type,
+        "ss_lr_scheduler": config.schedule.lr_scheduler,
+        "ss_lr_warmup_steps": plan.warmup,
+        "ss_max_grad_norm": opt.max_grad_norm,
+        "ss_clip_skip": t.clip_skip,
+        "ss_mixed_precision": t.mixed_precision,
+        "ss_seed": t.seed,
+        "ss_noise_offset": t.noise_offset,
+        "ss_min_snr_gamma": t.min_snr_gamma,
+        "ss_prior_loss_weight": d.prior_loss_weight,
+        "ss_caption_dropout_rate": d.caption_dropout_rate,
+        "ss_shuffle_caption": d.shuffle_caption,
+        "ss_keep_tokens": d.keep_tokens,
+        "ss_flip_aug": d.flip_aug,
+        "ss_cache_latents": d.cache_latents,
+        "ss_enable_bucket": "True",
+        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_tag_frequency": json.dumps(tag_frequency(dataset.items)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": o.output_name if epoch >= plan.epochs else f"{o.output_name}-{epoch:06d}",
+        "modelspec.resolution": res,
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.trigger_phrase": trigger,
+    }

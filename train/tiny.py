@@ -1,0 +1,100 @@
+"""A random-weight Stable Diffusion built from configs and saved as a normal diffusers folder.
+
+`tiny` proves the install and the plumbing in seconds (smoke runs, tests); `sd15` is the exact SD1.5
+architecture (860 M UNet parameters) for measuring speed and memory without downloading anything. Neither
+makes a meaningful picture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SIZES = {
+    "tiny": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=16, sample_size=16),
+        vae=dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=128,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                  projection_dim=32),
+    ),
+    "sd15": dict(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, sample_size=64),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, vocab_size=49408),
+    ),
+}
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer built in memory: the 256 byte symbols, their end-of-word forms and the two specials.
+
+    Fewer symbols would map unknown letters to <|endoftext|>, which the text encoder pools on and breaks.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write tokenizer, text encoder, VAE, UNet, scheduler and model_index.json to `folder`."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = SIZES[size]
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text = dict(spec["text"])
+    text.setdefault("vocab_size", len(tokenizer))
+    encoder = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, hidden_act="quick_gelu",
+                                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id, **text))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **spec["vae"])
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in [("tokenizer", tokenizer), ("text_encoder", encoder), ("vae", vae), ("unet", unet),
+                       ("scheduler", scheduler)]:
+        part.save_pretrained(folder / name)
+    index = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "image_encoder": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lorasmith.train.tiny", description=__doc__)
+    parser.add_argument("folder", type=Path, help="where to write the diffusers model folder")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    args = parser.parse_args(argv)
+    if (args.folder / "model_index.json").exists():
+        print(f"{args.folder} already holds a model; kept")
+        return 0
+    from lorasmith.captioning.blip import quiet_transformers
+
+    quiet_transformers()
+    build_sd(args.folder, args.size)
+    print(f"random-weight Stable Diffusion ({args.size}) written to {args.folder}: for smoke runs, not pictures")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""The life cycle of a run as named steps: plan → load → cache → set up the network → train → save."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasmith.prep.files import write_text_atomic
+from lorasmith.train.config import Config, to_toml
+from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
+from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
+from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
+
+SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float": "float32"}
+LOSS_WINDOW = 25
+"""Steps in the progress bar's moving average: single-step diffusion losses are very noisy."""
+
+
+@dataclass
+class Result:
+    outputs: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    unet: object = None
+    text_encoder: object = None
+
+
+def world() -> tuple[int, int]:
+    """(rank, processes) as `accelerate launch` sets them, known before any model loads."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def plan_run(config: Config) -> tuple[Dataset, Plan]:
+    d, t = config.dataset, config.training
+    buckets = bucket_resolutions(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+    dataset = load_dataset(Path(d.train_data_dir), Path(d.reg_data_dir) if d.reg_data_dir else None,
+                           d.caption_extension, buckets)
+    plan = make_plan(dataset.bucket_counts(), dataset.bucket_counts(reg=True), len(dataset.items),
+                     len(dataset.reg_items), t.train_batch_size, t.gradient_accumulation_steps, world()[1],
+                     t.max_train_epochs, t.max_train_steps, config.schedule.lr_warmup_steps,
+                     config.output.save_every_n_epochs)
+    return dataset, plan
+
+
+class Trainer:
+    def __init__(self, config: Config, dataset: Dataset, plan: Plan, progress: bool = True, log=print):
+        self.config, self.dataset, self.plan = config, dataset, plan
+        self.progress, self.log = progress, log
+        self.result = Result()
+        self.started = time.time()
+        self.train_text = config.optimizer.text_encoder_lr > 0
+
+    # -- load -------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from lorasmith.train.models import load_components
+
+        t = self.config.training
+        cuda = torch.cuda.is_available()
+        precision = t.mixed_precision
+        if not cuda and precision == "fp16":
+            self.log("note: fp16 has no effect on CPU (no autocast, no loss scaling); training in fp32")
+            precision = "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
+                                       gradient_accumulation_steps=t.gradient_accumulation_steps)
+        set_seed(t.seed)
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        c = load_components(self.config.model.pretrained_model)
+        self.tokenizer, self.text_encoder, self.vae, self.unet, self.noise_scheduler = (
+            c.tokenizer, c.text_encoder, c.vae, c.unet, c.scheduler)
+        for model in (self.text_encoder, self.vae, self.unet):
+            model.requires_grad_(False)
+            if self.weight_dtype == torch.float32:
+                model.to(self.device)
+            else:
+                model.to(self.device, self.weight_dtype)
+
+    # -- cache ------------------------------------------------------------------------------------------
+    def cache(self) -> None:
+        """Encode every latent once, then drop the VAE; cache text embeddings when the encoder is frozen."""
+        d = self.config.dataset
+        self.vae_id = vae_identity(self.vae)
+        folder = Path(d.train_data_dir) / ".latent_cache" if d.cache_latents_to_disk else None
+        self.latents = LatentCache(folder)
+        if d.cache_latents:
+            flips = (False, True) if d.flip_aug else (False,)
+            jobs = [(self._key(item, f), item, f) for item in {*self.dataset.items, *self.dataset.reg_items}
+                    for f in flips]
+            jobs.sort(key=lambda job: (str(job[1].image), job[2]))
+            cache_latents(jobs, self.vae, self.latents, load_pixels, device=self.device,
+                          dtype=next(self.vae.parameters()).dtype,
+                          progress=self.progress and self.accelerator.is_main_process)
+            self.vae = None
+        self.text_cache = None
+        if not self.train_text and d.cache_text_encoder_outputs and not d.shuffle_caption:
+            captions = sorted({i.caption for i in [*self.dataset.items, *self.dataset.reg_items]} | {""})
+            self.text_cache = dict(zip(captions, self._encode(captions, batch=16)))
+            self.text_encoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            __import__("torch").cuda.empty_cache()
+
+    def _key(self, item, flip: bool) -> str:
+        return latent_key(item.content, item.bucket, flip, self.vae_id)
+
+    def _encode(self, captions: list[str], batch: int | None = None):
+        import torch
+
+        from lorasmith.train.text import encode_prompts, tokenize
+
+        out = []
+        step = batch or len(captions)
+        for i in range(0, len(captions), step):
+            ids = tokenize(self.tokenizer, captions[i : i + step]).to(self.device)
+            context = torch.no_grad() if batch else torch.enable_grad()
+            with context:
+                out.extend(encode_prompts(self.text_encoder, ids, self.config.training.clip_skip))
+        return out
+
+    # -- network ----------------------------------------------------------------------------------------
+    def setup_network(self) -> None:
+        import torch
+
+        from lorasmith.train.network import add_text_lora, add_unet_lora, freeze_base, lora_parameters
+        from lorasmith.train.optim import build_optimizer, build_scheduler
+
+        n, o, t = self.config.network, self.config.optimizer, self.config.training
+        torch.manual_seed(t.seed)  # the same adapter initialisation on every process
+        add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha)
+        freeze_base(self.unet)
+        groups = [{"params": lora_parameters(self.unet), "lr": o.unet_lr or o.learning_rate}]
+        if self.train_text:
+            add_text_lora(self.text_encoder, n.network_dim, n.network_alpha, n.network_dropout)
+            freeze_base(self.text_encoder)
+            groups.append({"params": lora_parameters(self.text_encoder), "lr": o.text_encoder_lr})
+        for group in groups:  # trainable weights stay fp32 whatever the frozen model's precision
+            for param in group["params"]:
+                param.data = param.data.float()
+        self.params = [p for g in groups for p in g["params"]]
+        if t.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.train_text:
+                self.text_encoder.gradient_checkpointing_enable()
+        optimizer = build_optimizer(o.optimizer_type, groups, o.weight_decay)
+        # Stepped once per optimizer step, not prepared by accelerate (which would step it once per process).
+        self.lr_scheduler = build_scheduler(self.config.schedule.lr_scheduler, optimizer, self.plan.warmup,
+                                            self.plan.total_steps, self.config.schedule.lr_scheduler_num_cycles)
+        if self.train_text:
+            self.unet, self.text_encoder, self.optimizer = self.accelerator.prepare(self.unet, self.text_encoder,
+                                                                                    optimizer)
+        else:
+            self.unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+
+    # -- train ------------------------------------------------------------------------------------------
+    def train(self) -> Result:
+        from tqdm import tqdm
+
+        t = self.config.training
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        import torch
+
+        self.generator = torch.Generator().manual_seed(t.seed * 7919 + rank)
+        self.rng = random.Random(t.seed * 104_729 + rank)
+        self.prediction = ("v_prediction" if self.config.model.v_parameterization
+                           else self.noise_scheduler.config.prediction_type)
+        self.unet.train()
+        step = 0
+        bar = tqdm(total=self.plan.total_steps, desc="train-lora", unit="step", file=sys.stderr,
+                   disable=not self.progress or not self.accelerator.is_main_process)
+        for epoch in range(1, self.plan.epochs + 1):
+            batches = epoch_batches(self.dataset, t.train_batch_size, t.seed, epoch)
+            share = -(-len(batches) // processes)
+            mine = (batches * 2)[rank : rank + share * processes : processes][:share]
+            for batch in mine:
+                loss = self._step(batch)
+                if self.accelerator.sync_gradients:
+                    step += 1
+                    self.result.losses.append(loss)
+                    window = self.result.losses[-LOSS_WINDOW:]
+                    bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                    bar.update(1)
+                    if step >= self.plan.total_steps:
+                        break
+            if epoch in self.plan.save_epochs and step < self.plan.total_steps:
+                self.save(epoch, step, final=False)
+            if step >= self.plan.total_steps:
+                break
+        bar.close()
+        self.save(self.plan.epochs, step, final=True)
+        self.result.unet = self.accelerator.unwrap_model(self.unet)
+        self.result.text_encoder = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
+        return self.result
+
+    def _step(self, batch) -> float:
+        models = [self.unet, self.text_encoder] if self.train_text else [self.unet]
+        with self.accelerator.accumulate(*models):
+            loss = self._loss(batch)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.config.optimizer.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.sync_gradients:
+            self.lr_scheduler.step()
+        return float(loss.detach())
+
+    def _loss(self, batch):
+        import torch
+        import torch.nn.functional as F
+        from diffusers.training_utils import compute_snr
+
+        d, t = self.config.dataset, self.config.training
+        flips = [d.flip_aug and self.rng.random() < 0.5 for _ in batch]
+        latents = self._latents(batch, flips)
+        captions = [process_caption(i.caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, self.rng)
+                    for i in batch]
+        if self.text_cache is not None:
+            context = torch.stack([self.text_cache[c] for c in captions]).to(self.device, self.weight_dtype)
+        else:
+            context = torch.stack(self._encode(captions))
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
+        if t.noise_offset:
+            noise += t.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.generator).to(noise)
+        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),),
+                              generator=self.generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        prediction = self.unet(noisy, steps, context).sample
+        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, steps)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if t.min_snr_gamma:
+            snr = compute_snr(self.noise_scheduler, steps)
+            weight = snr.clamp(max=t.min_snr_gamma) / (snr + 1 if self.prediction == "v_prediction" else snr)
+            loss = loss * weight
+        reg = torch.tensor([d.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=loss.device)
+        return (loss * reg).mean()
+
+    def _latents(self, batch, flips):
+        import torch
+
+        if self.latents is not None and self.config.dataset.cache_latents:
+            stacked = torch.stack([self.latents.get(self._key(item, f)) for item, f in zip(batch, flips)])
+            return stacked.to(self.device, self.weight_dtype)
+        jobs = [(self._key(item, f), item, f) for item, f in zip(batch, flips)]
+        scratch = LatentCache()
+        cache_latents(jobs, self.vae, scratch, load_pixels, device=self.device, progress=False)
+        return torch.stack([scratch.get(k) for k, _, _ in jobs]).to(self.device, self.weight_dtype)
+
+    # -- save -------------------------------------------------------------------------------------------
+    def save(self, epoch: int, step: int, final: bool) -> None:
+        import torch
+
+        from lorasmith.train.export import kohya_state_dict, save_lora
+        from lorasmith.train.metadata import kohya_metadata
+
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        o = self.config.output
+        name = f"{o.output_name}.safetensors" if final else f"{o.output_name}-{epoch:06d}.safetensors"
+        unet = self.accelerator.unwrap_model(self.unet)
+        text = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
+        tensors = kohya_state_dict(unet, text, getattr(torch, SAVE_DTYPES[o.save_precision]))
+        metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started, self.prediction)
+        self.result.outputs.append(save_lora(Path(o.output_dir) / name, tensors, metadata))
+
+
+def write_resolved_config(config: Config, plan: Plan) -> Path:
+    """The preset as it was actually used (defaults and --set included), beside the outputs."""
+    path = Path(config.output.output_dir) / f"{config.output.output_name}.config.toml"
+    header = "# resolved train-lora preset; the plan it gave:\n" + "".join(f"# {line}\n" for line in plan.lines())
+    write_text_atomic(path, header + to_toml(config))
+    return path
+
+
+def run(config: Config, progress: bool = True, log=print) -> tuple[Result, Plan]:
+    dataset, plan = plan_run(config)
+    trainer = Trainer(config, dataset, plan, progress, log)
+    timings = trainer.result.timings
+    clock = time.perf_counter()
+    trainer.load()
+    timings["load"] = time.perf_counter() - clock
+    if trainer.accelerator.is_main_process:
+        write_resolved_config(config, plan)
+    clock = time.perf_counter()
+    trainer.cache()
+    timings["cache"] = time.perf_counter() - clock
+    trainer.setup_network()
+    clock = time.perf_counter()
+    result = trainer.train()
+    timings["train"] = time.perf_counter() - clock
+    return result, plan
