@@ -136,3 +136,40 @@ def training_root(root: Path, folders: dict[str, int]) -> Path:
         for i in range(count):
             make_image(root / name / f"img{i}.png", size=(96, 64), seed=i + 10 * len(name))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A random-weight Stable Diffusion folder (diffusers layout) built from configs, shared by the session."""
+    from lorasmith.train.tiny import build_sd
+
+    return build_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def small_dataset(root: Path, images: int = 3, repeats: int = 10, size=(128, 128), captions: bool = True) -> Path:
+    """A training root with one repeat folder of distinct pictures and (optionally) captions."""
+    folder = root / f"{repeats}_clay"
+    for i in range(images):
+        make_image(folder / f"img{i}.png", size=size, seed=i + 1)
+        if captions:
+            (folder / f"img{i}.txt").write_text(f"claymation style, blob {i}", encoding="utf-8")
+    return root
+
+
+def write_preset(path: Path, model: Path, data: Path, out: Path, **sections: dict) -> Path:
+    """A preset for the tiny model: 128 px buckets, small rank, AdamW; `sections` override per section."""
+    import toml
+
+    preset = {
+        "config_version": 1,
+        "model": {"pretrained_model": str(model)},
+        "dataset": {"train_data_dir": str(data), "resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256},
+        "network": {"network_dim": 4, "network_alpha": 2},
+        "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-3},
+        "training": {"max_train_steps": 4, "train_batch_size": 2},
+        "output": {"output_dir": str(out), "output_name": "test", "save_precision": "float"},
+    }
+    for section, values in sections.items():
+        preset.setdefault(section, {}).update(values)
+    path.write_text(toml.dumps(preset), encoding="utf-8")
+    return path

@@ -62,7 +62,8 @@ def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **spec["vae"])
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
+                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon",
+                              steps_offset=1)
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in [("tokenizer", tokenizer), ("text_encoder", encoder), ("vae", vae), ("unet", unet),
                        ("scheduler", scheduler)]:

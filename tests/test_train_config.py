@@ -1,0 +1,98 @@
+"""The preset schema: strict errors that name the key, typed overrides, every shipped preset loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import toml
+
+from conftest import REPO
+from lorasmith.train.config import Config, ConfigError, load_config, to_toml
+
+PRESETS = sorted((REPO / "presets").glob("*.toml"))
+
+
+def preset(tmp_path, text: str) -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / "p.toml"
+    path.write_text('config_version = 1\n[dataset]\ntrain_data_dir = "data"\n' + text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_shipped_preset_loads(tmp_path, path):
+    config = load_config(path, [f"dataset.train_data_dir={tmp_path}"])
+    assert config.config_version == 1 and config.dataset.train_data_dir == str(tmp_path)
+    text = path.read_text(encoding="utf-8")
+    keys = [line.split("=")[0].strip() for line in text.splitlines() if "=" in line and not line.startswith("#")]
+    lines = text.splitlines()
+    for key in keys:  # every key carries advice: a comment on the line above or at the end of its own line
+        index = next(i for i, line in enumerate(lines) if line.split("=")[0].strip() == key)
+        assert "#" in lines[index] or lines[index - 1].startswith("#") or key == "config_version", (path.name, key)
+
+
+def test_sd15_presets_follow_the_usual_advice(tmp_path):
+    for path in [p for p in PRESETS if p.name.startswith("sd15")]:
+        c = load_config(path, [f"dataset.train_data_dir={tmp_path}"])
+        assert c.optimizer.optimizer_type == "AdamW8bit" and c.optimizer.learning_rate == 1e-4
+        assert c.optimizer.text_encoder_lr == c.optimizer.learning_rate / 2
+        assert c.schedule.lr_scheduler == "cosine" and c.schedule.lr_warmup_steps == 0.1
+        assert c.network.network_alpha < c.network.network_dim and c.dataset.resolution == 512
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[network]\nnetwork_dimm = 8\n", "unknown key network.network_dimm; did you mean 'network_dim'? valid keys: network_dim"),
+        ("[training]\nclip_skip = 'two'\n", "training.clip_skip = 'two' must be int, not str"),
+        ("[optimizer]\noptimizer_type = 'SGD'\n", "optimizer.optimizer_type = 'SGD' is not one of 'AdamW8bit'"),
+        ("resolution = 500\n", "dataset.resolution must be a multiple of 64"),
+        ("[trainer]\nx = 1\n", "unknown key trainer; did you mean 'training'?"),
+        ("[training]\nclip_skip = 0\n", "training.clip_skip counts from 1"),
+        ("[dataset\n", "not valid TOML"),
+    ],
+)
+def test_strict_errors_name_the_file_and_key(tmp_path, text, message):
+    path = preset(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_a_missing_dataset_folder_is_named(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[dataset]\ntrain_data_dir = "nowhere"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"dataset.train_data_dir = {tmp_path / 'nowhere'} is not a folder"):
+        load_config(path)
+
+
+def test_overrides_are_typed_from_the_schema(tmp_path):
+    path = preset(tmp_path, "")
+    c = load_config(path, ["optimizer.learning_rate=2e-4", "training.clip_skip=2", "dataset.flip_aug=true",
+                           "output.output_name=x y", "model.pretrained_model=owner/model"])
+    assert (c.optimizer.learning_rate, c.training.clip_skip, c.dataset.flip_aug) == (2e-4, 2, True)
+    assert c.output.output_name == "x y" and c.model.pretrained_model == "owner/model"
+    for bad, message in [("training.clip_skip=two", "invalid literal"), ("lr=1", "section.key=value"),
+                         ("optim.lr=1", "unknown section 'optim'"), ("dataset.flip_aug=maybe", "true or false")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [bad])
+
+
+def test_relative_paths_follow_the_preset_and_the_resolved_config_round_trips(tmp_path):
+    path = preset(tmp_path, '[output]\noutput_dir = "out"\n')
+    config = load_config(path)
+    assert config.dataset.train_data_dir == str(tmp_path / "data")
+    assert config.output.output_dir == str(tmp_path / "out")
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(config), encoding="utf-8")
+    assert load_config(again) == config
+    assert set(toml.loads(to_toml(config))) == set(Config.__dataclass_fields__)
+
+
+def test_cli_config_error_exits_2_with_one_line(tmp_path):
+    path = preset(tmp_path, "[network]\nrank = 8\n")
+    done = subprocess.run([str(Path(sys.executable).parent / "train-lora"), str(path), "--dry-run"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "unknown key network.rank" in done.stderr

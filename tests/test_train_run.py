@@ -1,0 +1,210 @@
+"""Training on the tiny model: parity with diffusers' loader, learning, caches, dataset rules, the command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import make_image, small_dataset, write_preset
+from lorasmith.train.config import load_config
+from lorasmith.train.dataset import load_dataset, process_caption
+from lorasmith.train.export import text_key
+from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
+from lorasmith.train.plan import bucket_resolutions
+from lorasmith.train.trainer import Trainer, plan_run, run
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_sd):
+    """One short run with the text encoder trained, alpha ≠ rank and clip skip 2, saved in float32."""
+    root = tmp_path_factory.mktemp("run")
+    preset = write_preset(root / "p.toml", tiny_sd, small_dataset(root / "data"), root / "out",
+                          network={"network_dim": 4, "network_alpha": 6},
+                          optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
+                          training={"max_train_steps": 5, "clip_skip": 2, "train_batch_size": 2})
+    config = load_config(preset)
+    result, plan = run(config, progress=False)
+    return config, result, plan
+
+
+def test_saved_file_loads_in_diffusers_with_the_same_outputs(trained, tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    config, result, _ = trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(result.outputs[-1]))
+    torch.manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    ids = pipe.tokenizer(["claymation style, a ball", "blob"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    result.unet.eval()
+    result.text_encoder.eval()
+    with torch.no_grad():
+        ours, theirs, plain = (m(x, t, context).sample for m in (result.unet, pipe.unet, base.unet))
+        assert (ours - theirs).abs().max() <= 1e-5
+        assert (ours - plain).abs().max() > 1e-3  # the LoRA really changes the output
+        te_ours, te_theirs = result.text_encoder(ids)[0], pipe.text_encoder(ids)[0]
+        assert (te_ours - te_theirs).abs().max() <= 1e-5
+        assert (te_ours - base.text_encoder(ids)[0]).abs().max() > 1e-4
+
+
+def test_kohya_keys_alpha_and_metadata(trained):
+    config, result, plan = trained
+    with safe_open(str(result.outputs[-1]), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_2_mlp_fc2.alpha" in keys
+    assert not any(k.startswith("lora_te1_") for k in keys)
+    assert set(alphas.values()) == {6.0}  # the configured alpha, not the rank (4)
+    assert len(keys) == 3 * len(alphas)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_clip_skip"]) == ("4", "6.0", "2")
+    assert meta["ss_steps"] == "5" and meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_clay": {"n_repeats": 10, "img_count": 3}}
+    assert json.loads(meta["ss_tag_frequency"])["10_clay"]["claymation style"] == 3
+    assert meta["modelspec.trigger_phrase"] == "clay" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert len(meta["sshs_model_hash"]) == 64 and len(meta["sshs_legacy_hash"]) == 8
+    resolved = Path(config.output.output_dir) / "test.config.toml"
+    assert "optimizer steps: 5" in resolved.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "path, key",
+    [("encoder.layers.3.self_attn.q_proj", "lora_te_text_model_encoder_layers_3_self_attn_q_proj"),
+     ("text_model.encoder.layers.11.mlp.fc1", "lora_te_text_model_encoder_layers_11_mlp_fc1")],
+)
+def test_text_keys_are_the_same_for_both_clip_layouts(path, key):
+    assert text_key(path) == key
+
+
+def test_loss_falls_on_a_fixed_batch(tmp_path, tiny_sd):
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, small_dataset(tmp_path / "data", images=2), tmp_path / "out",
+                          optimizer={"learning_rate": 1e-2}, training={"max_train_steps": 40, "train_batch_size": 2},
+                          schedule={"lr_scheduler": "constant", "lr_warmup_steps": 0})
+    config = load_config(preset)
+    dataset, plan = plan_run(config)
+    trainer = Trainer(config, dataset, plan, progress=False)
+    trainer.load()
+    trainer.cache()
+    trainer.setup_network()
+    trainer.prediction = "epsilon"
+    import random
+
+    trainer.rng = random.Random(0)
+    batch = dataset.items[:2]
+    losses = []
+    for _ in range(40):
+        trainer.generator = torch.Generator().manual_seed(0)  # the same noise and timesteps every step
+        losses.append(trainer._step(batch))
+    assert losses[-1] < losses[20] < losses[0] and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_latent_cache_hits_and_misses(tmp_path, tiny_sd):
+    from diffusers import AutoencoderKL
+
+    from lorasmith.train.dataset import load_pixels
+
+    data = small_dataset(tmp_path / "data", images=3)
+    buckets = bucket_resolutions(128, 64, 256)
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    vae_id = vae_identity(vae)
+
+    def jobs(dataset, ident):
+        return [(latent_key(i.content, i.bucket, False, ident), i, False) for i in dataset.items]
+
+    first = LatentCache(tmp_path / "cache")
+    cache_latents(jobs(load_dataset(data, None, ".txt", buckets), vae_id), vae, first, load_pixels, progress=False)
+    assert (first.hits, first.misses) == (0, 3)
+    second = LatentCache(tmp_path / "cache")  # a new run: read from disk
+    cache_latents(jobs(load_dataset(data, None, ".txt", buckets), vae_id), vae, second, load_pixels, progress=False)
+    assert (second.hits, second.misses) == (3, 0)
+    make_image(data / "10_clay" / "img1.png", size=(128, 128), seed=99)  # one picture changes
+    third = LatentCache(tmp_path / "cache")
+    cache_latents(jobs(load_dataset(data, None, ".txt", buckets), vae_id), vae, third, load_pixels, progress=False)
+    assert (third.hits, third.misses) == (2, 1)
+    torch.manual_seed(5)
+    other = AutoencoderKL.from_config(vae.config)  # same architecture, other weights
+    other_id = vae_identity(other)
+    assert other_id != vae_id
+    fourth = LatentCache(tmp_path / "cache")
+    cache_latents(jobs(load_dataset(data, None, ".txt", buckets), other_id), other, fourth, load_pixels, progress=False)
+    assert (fourth.hits, fourth.misses) == (0, 3)
+
+
+def test_dataset_rules(tmp_path):
+    data = small_dataset(tmp_path / "data", images=2, captions=False)
+    (data / "10_clay" / "img0.txt").write_text("a caption", encoding="utf-8")
+    make_image(data / "3_other style" / "wide.png", size=(256, 128))
+    reg = small_dataset(tmp_path / "reg", images=1, repeats=1, captions=False)
+    dataset = load_dataset(data, reg, ".txt", bucket_resolutions(128, 64, 256))
+    captions = {i.image.name: i.caption for i in dataset.items}
+    assert captions == {"img0.png": "a caption", "img1.png": "clay", "wide.png": "other style"}
+    assert any("img1.png: no caption" in w for w in dataset.warnings)
+    assert {i.image.name: i.bucket for i in dataset.items}["wide.png"] == (192, 64)  # no 2:1 bucket fits 128²: 3:1 is closest
+    assert dataset.bucket_counts()[(128, 128)] == 20
+    reg_items = dataset.epoch_items(reg=True)
+    assert sum(n for _, n in reg_items) == 23  # regularisation matched to the 23 training views
+
+
+def test_metadata_jsonl_folder(tmp_path):
+    make_image(tmp_path / "a.png", size=(128, 128))
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "claymation style, a"}\n', encoding="utf-8")
+    dataset = load_dataset(tmp_path, None, ".txt", bucket_resolutions(128, 64, 256))
+    assert [(i.caption, i.repeats) for i in dataset.items] == [("claymation style, a", 1)]
+
+
+@pytest.mark.parametrize(
+    "shuffle, keep, dropout, seed, expected",
+    [(False, 0, 0.0, 0, "clay, a, b, c"), (True, 1, 0.0, 0, None), (False, 0, 0.999, 0, "")],
+)
+def test_caption_processing(shuffle, keep, dropout, seed, expected):
+    import random
+
+    got = process_caption("clay, a, b, c", shuffle, keep, dropout, random.Random(seed))
+    if expected is None:
+        assert got.startswith("clay, ") and sorted(got.split(", ")) == ["a", "b", "c", "clay"]
+    else:
+        assert got == expected
+
+
+def test_cli_dry_run_and_missing_model(tmp_path, tiny_sd):
+    data = small_dataset(tmp_path / "data")
+    preset = write_preset(tmp_path / "p.toml", tmp_path / "no-model", data, tmp_path / "out")
+    dry = subprocess.run([str(BIN / "train-lora"), str(preset), "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "optimizer steps: 4 (max_train_steps; 15 per epoch" in dry.stdout
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([str(BIN / "train-lora"), str(preset), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"base model (tokenizer) '{tmp_path / 'no-model'}' not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_sd):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: gradients are synchronised, so both ranks
+    (which see different batches and noise) hold the same LoRA afterwards."""
+    import os
+
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, small_dataset(tmp_path / "data"), tmp_path / "out",
+                          optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
+                          training={"max_train_steps": 3, "train_batch_size": 2})
+    command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_worker.py"),
+               str(preset), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(str(tmp_path / "rank0.safetensors"), "pt") as a, safe_open(str(tmp_path / "rank1.safetensors"), "pt") as b:
+        assert a.metadata()["processes"] == "2" and a.metadata()["steps"] == "3"
+        keys = sorted(a.keys())
+        assert keys == sorted(b.keys()) and len(keys) > 0
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
+        assert max(a.get_tensor(k).abs().max().item() for k in keys if "lora_up" in k) > 0  # it trained
+    assert (tmp_path / "out" / "test.safetensors").exists()  # rank 0 alone saves
