@@ -14,16 +14,16 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
 from PIL import Image, ImageDraw, ImageFilter
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from measure import measure  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 SIZES = [(6000, 4000), (4000, 3000), (4032, 3024), (3000, 4000), (2400, 1600), (1600, 1200), (1200, 1600),
@@ -68,26 +68,6 @@ def baseline(src: Path, dst: Path) -> None:
         resized.crop((left, top, left + tw, top + th)).save(dst / f"{path.stem}.png")
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of the whole process tree of `command`."""
-    start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while process.poll() is None:
-        total = 0
-        try:
-            for proc in [process, *process.children(recursive=True)]:
-                total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-        peak = max(peak, total)
-        time.sleep(0.01)
-    elapsed = time.perf_counter() - start
-    if process.returncode != 0:
-        raise SystemExit(f"{command[0]} failed: {process.stderr.read().decode()[-2000:]}")
-    return elapsed, peak / 2**20
-
-
 def contenders(src: Path, out: Path, workers: int) -> dict[str, list[str]]:
     return {
         "baseline (Pillow loop, 1 process)": [sys.executable, __file__, "--child-baseline", str(src), str(out / "base")],
@@ -102,7 +82,7 @@ def run_rounds(src: Path, work: Path, rounds: int, workers: int, count: int) -> 
         for name, command in contenders(src, work, workers).items():
             shutil.rmtree(work / "base", ignore_errors=True)
             shutil.rmtree(work / "prep", ignore_errors=True)
-            seconds, peak = measure(command)
+            seconds, peak, _ = measure(command)
             results.setdefault(name, []).append((seconds, peak))
             print(f"  round {round_no + 1}: {name}: {count / seconds:.1f} img/s, peak {peak:.0f} MiB", flush=True)
     return results

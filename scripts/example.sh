@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The bundled example, end to end, as a SMOKE RUN: it proves the install and the plumbing, not quality.
-# Stage 1b uses a tiny randomly initialised BLIP built on the spot (no download), so its captions are
-# word salad. Sets up .venv if needed; re-running does only the missing work.
+# The bundled example, all three stages, as a SMOKE RUN: it proves the install and the plumbing, not
+# image quality. Captioning and training use tiny randomly initialised models built on the spot (no
+# download), so the captions are word salad and the LoRA, while real in format, teaches nothing.
+# Sets up .venv if needed; re-running does only the missing work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/prep-images ] || bash scripts/setup.sh
@@ -10,3 +11,6 @@ OUT=${LORASMITH_EXAMPLE_OUT:-out/example}
 .venv/bin/python -m lorasmith.captioning.tiny "$OUT/models/tiny-blip"
 .venv/bin/caption-folder "$OUT" --prefix "claymation style" --model "$OUT/models/tiny-blip" --beam-search
 .venv/bin/caption-folder "$OUT" --prefix "claymation style" --prefix-only
+.venv/bin/python -m lorasmith.train.tiny "$OUT/models/tiny-sd"
+.venv/bin/train-lora presets/smoke.toml --set "model.pretrained_model=$OUT/models/tiny-sd" \
+    --set "dataset.train_data_dir=$OUT" --set "output.output_dir=$OUT/lora"

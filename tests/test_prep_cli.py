@@ -137,3 +137,10 @@ def test_readme_example_command(tmp_path):
     captions = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.txt")}
     assert len(captions) == 11 and all(c.startswith("claymation style, ") for c in captions.values())
     assert captions["clay_blob_red"] == "claymation style, a red and a yellow clay blob on a table\n"  # kept
+    lora = tmp_path / "lora" / "smoke.safetensors"
+    assert lora.exists() and "train-lora: 20 steps" in done.stdout
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["modelspec.trigger_phrase"] == "claymation style"
+        assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())

@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.folder / "model_index.json").exists():
         print(f"{args.folder} already holds a model; kept")
         return 0
-    from lorasmith.captioning.blip import quiet_transformers
+    from lorasmith.train.models import quiet_libraries
 
-    quiet_transformers()
+    quiet_libraries()
     build_sd(args.folder, args.size)
     print(f"random-weight Stable Diffusion ({args.size}) written to {args.folder}: for smoke runs, not pictures")
     return 0

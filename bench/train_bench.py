@@ -1,0 +1,168 @@
+"""train-lora against a plain diffusers + peft loop (the way diffusers' LoRA example trains), same data.
+
+(a) the tiny model, (b) a random-weight model with the exact SD1.5 architecture (860 M UNet parameters),
+both built from configs (no download); 256 px, batch 1, rank 16, AdamW, frozen text encoder, latents
+cached by both. Reported: seconds per optimizer step (training phase only), peak RSS of the whole
+process, and the whole job's wall time (start to saved file). Rounds interleave, medians are reported.
+
+    .venv/bin/python bench/train_bench.py [--rounds 2] [--steps 6] [--skip-sd15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from measure import measure  # noqa: E402
+
+BIN = Path(sys.executable).parent
+RANK, SIZE = 16, 256
+
+
+def make_data(root: Path, count: int = 6) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder = root / "1_bench"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = Image.new("RGB", (SIZE, SIZE), (40 * i % 256, 120, 200))
+        ImageDraw.Draw(image).ellipse((10 * i, 30, 10 * i + 120, 150), fill=(220, 90, 40))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"claymation style, blob {i}", encoding="utf-8")
+    return root
+
+
+def write_preset(path: Path, model: Path, data: Path, out: Path, steps: int) -> Path:
+    path.write_text(f"""config_version = 1
+[model]
+pretrained_model = "{model}"
+[dataset]
+train_data_dir = "{data}"
+resolution = {SIZE}
+[network]
+network_dim = {RANK}
+network_alpha = {RANK}
+[optimizer]
+optimizer_type = "AdamW"
+[training]
+max_train_steps = {steps}
+train_batch_size = 1
+[output]
+output_dir = "{out}"
+output_name = "bench"
+""", encoding="utf-8")
+    return path
+
+
+def reference(model: str, data: str, steps: int) -> None:
+    """diffusers' train_text_to_image_lora.py, reduced to its loop; latents precomputed as a fair baseline."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    images = sorted(Path(data, "1_bench").glob("*.png"))
+    latents, captions = [], []
+    with torch.no_grad():
+        for path in images:
+            pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype="float32"))
+            pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
+            latents.append(vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor)
+            captions.append(path.with_suffix(".txt").read_text())
+    unet.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        i = step % len(latents)
+        noise = torch.randn_like(latents[i])
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
+        noisy = scheduler.add_noise(latents[i], noise, t)
+        ids = tokenizer([captions[i]], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        context = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(noisy, t, context).sample.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    print(f"STEP_SECONDS {(time.perf_counter() - start) / steps:.4f}")
+
+
+def ours_step_seconds(stdout: str, steps: int) -> float:
+    match = re.search(r"train ([\d.]+) s", stdout)
+    return float(match.group(1)) / steps if match else float("nan")
+
+
+def bench(name: str, model: Path, root: Path, rounds: int, steps: int) -> None:
+    data = root / "data"
+    preset = write_preset(root / f"{name}.toml", model, data, root / "out", steps)
+    contenders = {
+        "train-lora": [str(BIN / "train-lora"), str(preset), "--quiet"],
+        "reference loop": [sys.executable, __file__, "--child-reference", str(model), str(data), str(steps)],
+    }
+    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in contenders}
+    for r in range(rounds):
+        for label, command in contenders.items():
+            wall, peak, out = measure(command)
+            per_step = ours_step_seconds(out, steps) if label == "train-lora" else float(
+                re.search(r"STEP_SECONDS ([\d.]+)", out).group(1))
+            results[label].append((per_step, peak, wall))
+            print(f"  {name} round {r + 1}: {label}: {per_step:.3f} s/step, peak RSS {peak:.0f} MiB, "
+                  f"whole job {wall:.1f} s", flush=True)
+    print(f"{name} medians:")
+    for label, runs in results.items():
+        med = [statistics.median(x[i] for x in runs) for i in range(3)]
+        print(f"  {label:15s} {med[0]:7.3f} s/step   peak RSS {med[1]:7.0f} MiB   whole job {med[2]:6.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--skip-sd15", action="store_true")
+    parser.add_argument("--child-reference", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_reference:
+        reference(args.child_reference[0], args.child_reference[1], int(args.child_reference[2]))
+        return
+    from lorasmith.train.models import quiet_libraries
+    from lorasmith.train.tiny import build_sd
+
+    quiet_libraries()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_data(root / "data")
+        sizes = ["tiny"] if args.skip_sd15 else ["tiny", "sd15"]
+        for size in sizes:
+            start = time.perf_counter()
+            model = build_sd(root / f"model-{size}", size)
+            print(f"built random-weight {size} model in {time.perf_counter() - start:.0f} s", flush=True)
+            bench(size, model, root, args.rounds, args.steps if size == "sd15" else max(args.steps, 20))
+    print("goal: train-lora no slower per step than the reference; SD1.5 peak RSS ≤ 4.5 GB (4,608 MiB)")
+
+
+if __name__ == "__main__":
+    main()
