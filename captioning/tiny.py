@@ -59,19 +59,24 @@ def build_blip(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> int:
+def model_cli(argv, prog: str, doc: str, sizes, marker: str, build, what: str) -> int:
+    """`python -m ...tiny FOLDER [--size]`: build a random-weight model unless FOLDER already holds one."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m lorasmith.captioning.tiny", description=__doc__)
-    parser.add_argument("folder", type=Path, help="where to write the model (a normal transformers folder)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("folder", type=Path, help="where to write the model folder")
+    parser.add_argument("--size", choices=sorted(sizes), default="tiny")
     args = parser.parse_args(argv)
-    if (args.folder / "config.json").exists():
+    if (args.folder / marker).exists():
         print(f"{args.folder} already holds a model; kept")
         return 0
-    build_blip(args.folder, args.size)
-    print(f"random-weight BLIP ({args.size}) written to {args.folder}: for smoke runs, not real captions")
+    build(args.folder, args.size)
+    print(f"random-weight {what} ({args.size}) written to {args.folder}: for smoke runs, not real use")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return model_cli(argv, "python -m lorasmith.captioning.tiny", __doc__, SIZES, "config.json", build_blip, "BLIP")
 
 
 if __name__ == "__main__":

@@ -124,25 +124,7 @@ def prepare_folder(
     report = Report(str(src.resolve()), None, name, None, options.fingerprint())
     stems = output_stems(sources, src)
 
-    plan: list[Outcome | None] = []
-    jobs = []
-    for source in sources:
-        rel = _rel(source, src)
-        prev = prev_by_source.get(rel)
-        if _reusable(prev, source, folder, stems[source], same_setup):
-            plan.append(prev)
-            continue
-        stat = source.stat() if source.exists() else None
-        outcome = Outcome(rel, "failed", sha256=None, bytes=stat.st_size if stat else None,
-                          mtime_ns=stat.st_mtime_ns if stat else None)
-        if stat is not None and source.is_file():
-            try:
-                outcome.sha256 = sha256_file(source)
-            except OSError:
-                pass
-        jobs.append((source, folder / f".{stems[source]}.png.part", options, outcome))
-        plan.append(None)
-
+    plan, jobs = _schedule(sources, src, folder, stems, prev_by_source, same_setup, options)
     result = FolderResult(report, folder, dst / "prep_report.json")
     kept: dict[str, str] = {}
     fresh = _results(jobs, workers)
@@ -179,6 +161,30 @@ def prepare_folder(
     result.folder = folder
     result.report_path = save_report(dst, report)
     return result
+
+
+def _schedule(sources: list[Path], src: Path, folder: Path, stems: dict[Path, str], previous: dict[str, Outcome],
+              same_setup: bool, options: PrepOptions) -> tuple[list[Outcome | None], list[tuple]]:
+    """Per source, the earlier outcome that still holds (None where the picture must be prepared), and the
+    worker jobs for the rest, each with a fresh outcome that already knows the file's size and hash."""
+    plan: list[Outcome | None] = []
+    jobs = []
+    for source in sources:
+        rel = _rel(source, src)
+        prev = previous.get(rel)
+        if _reusable(prev, source, folder, stems[source], same_setup):
+            plan.append(prev)
+            continue
+        outcome = Outcome(rel, "failed")
+        try:
+            stat = source.stat()
+            outcome.bytes, outcome.mtime_ns = stat.st_size, stat.st_mtime_ns
+            outcome.sha256 = sha256_file(source)
+        except OSError:
+            pass  # the worker reports why it cannot be read
+        jobs.append((source, folder / f".{stems[source]}.png.part", options, outcome))
+        plan.append(None)
+    return plan, jobs
 
 
 def _settle(outcome: Outcome, temp: Path | None, folder: Path, stem: str, kept: dict[str, str]) -> None:

@@ -62,3 +62,4 @@ def test_plan_saves_and_lines():
     assert "optimizer steps: 10 per epoch × 6 epochs = 60; warmup 6" in text
     assert "saves after epochs: 2, 4" in text
     assert plan.epochs == 6 and plan.image_views == 40
+

@@ -94,6 +94,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path, tiny_sd):
     trainer = Trainer(config, dataset, plan, progress=False)
     trainer.load()
     trainer.cache()
+    trainer.load_unet()
     trainer.setup_network()
     trainer.prediction = "epsilon"
     import random
@@ -208,3 +209,32 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_sd):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
         assert max(a.get_tensor(k).abs().max().item() for k in keys if "lora_up" in k) > 0  # it trained
     assert (tmp_path / "out" / "test.safetensors").exists()  # rank 0 alone saves
+
+
+def test_epoch_saves_and_the_final_file(tmp_path, tiny_sd):
+    data = small_dataset(tmp_path / "data", images=3, repeats=1)
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, data, tmp_path / "out",
+                          training={"max_train_steps": 0, "max_train_epochs": 3, "train_batch_size": 2},
+                          output={"save_every_n_epochs": 1})
+    result, plan = run(load_config(preset), progress=False)
+    assert plan.total_steps == 6  # 3 pictures at batch 2: 2 batches per epoch, 3 epochs
+    assert [p.name for p in result.outputs] == ["test-000001.safetensors", "test-000002.safetensors", "test.safetensors"]
+    with safe_open(str(result.outputs[0]), "pt") as first, safe_open(str(result.outputs[-1]), "pt") as last:
+        assert (first.metadata()["ss_epoch"], first.metadata()["ss_steps"]) == ("1", "2")
+        assert (last.metadata()["ss_epoch"], last.metadata()["ss_steps"]) == ("3", "6")
+    assert not list((tmp_path / "out").glob(".*.part"))
+
+
+def test_adamw8bit_keeps_8bit_state_on_cpu():
+    """bitsandbytes ≥ 0.50 runs its 8-bit optimizers on CPU; tensors of 4,096+ elements get uint8 state."""
+    from lorasmith.train.optim import build_optimizer
+
+    big = torch.nn.Parameter(torch.randn(64, 128))  # 8,192 elements
+    small = torch.nn.Parameter(torch.randn(8, 8))  # under bitsandbytes' min_8bit_size: 32-bit state
+    optimizer = build_optimizer("AdamW8bit", [{"params": [big, small], "lr": 1e-2}], 0.0)
+    before = big.detach().clone()
+    (big.sum() + small.sum()).backward()
+    optimizer.step()
+    assert optimizer.state[big]["state1"].dtype == torch.uint8
+    assert optimizer.state[small]["state1"].dtype == torch.float32
+    assert not torch.equal(before, big.detach())

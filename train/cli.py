@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         t = result.timings
         print(f"train-lora: {len(result.losses)} steps, final loss (mean of last {len(losses)}) "
               f"{sum(losses) / max(1, len(losses)):.4f}; load {t.get('load', 0):.1f} s, cache {t.get('cache', 0):.1f} s, "
-              f"train {t.get('train', 0):.1f} s → {final}{size}")
+              f"train {t.get('train', 0):.1f} s, save {t.get('save', 0):.1f} s → {final}{size}")
     return 0
 
 

@@ -80,21 +80,12 @@ def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m lorasmith.train.tiny", description=__doc__)
-    parser.add_argument("folder", type=Path, help="where to write the diffusers model folder")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    args = parser.parse_args(argv)
-    if (args.folder / "model_index.json").exists():
-        print(f"{args.folder} already holds a model; kept")
-        return 0
+    from lorasmith.captioning.tiny import model_cli
     from lorasmith.train.models import quiet_libraries
 
     quiet_libraries()
-    build_sd(args.folder, args.size)
-    print(f"random-weight Stable Diffusion ({args.size}) written to {args.folder}: for smoke runs, not pictures")
-    return 0
+    return model_cli(argv, "python -m lorasmith.train.tiny", __doc__, SIZES, "model_index.json", build_sd,
+                     "Stable Diffusion")
 
 
 if __name__ == "__main__":

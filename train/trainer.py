@@ -55,13 +55,12 @@ class Trainer:
         self.started = time.time()
         self.train_text = config.optimizer.text_encoder_lr > 0
 
-    # -- load -------------------------------------------------------------------------------------------
+    # -- load and cache: one large part in memory at a time ----------------------------------------------
     def load(self) -> None:
+        """The accelerator, tokenizer and noise schedule; the networks come one at a time in `cache`."""
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-
-        from lorasmith.train.models import load_components
 
         t = self.config.training
         cuda = torch.cuda.is_available()
@@ -74,20 +73,28 @@ class Trainer:
         set_seed(t.seed)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        c = load_components(self.config.model.pretrained_model)
-        self.tokenizer, self.text_encoder, self.vae, self.unet, self.noise_scheduler = (
-            c.tokenizer, c.text_encoder, c.vae, c.unet, c.scheduler)
-        for model in (self.text_encoder, self.vae, self.unet):
-            model.requires_grad_(False)
-            if self.weight_dtype == torch.float32:
-                model.to(self.device)
-            else:
-                model.to(self.device, self.weight_dtype)
+        parts = self._load("tokenizer", "scheduler")
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.scheduler
 
-    # -- cache ------------------------------------------------------------------------------------------
+    def _load(self, *names: str):
+        """Frozen parts on the device in the weight precision (trainable adapters are added later in fp32)."""
+        import torch
+
+        from lorasmith.train.models import load_components
+
+        parts = load_components(self.config.model.pretrained_model, names)
+        for name in ("text_encoder", "vae", "unet"):
+            model = getattr(parts, name)
+            if model is not None:
+                model.requires_grad_(False)
+                model.to(self.device) if self.weight_dtype == torch.float32 else model.to(self.device, self.weight_dtype)
+        return parts
+
     def cache(self) -> None:
-        """Encode every latent once, then drop the VAE; cache text embeddings when the encoder is frozen."""
+        """Encode every latent with the VAE, then drop it; embed every caption when the text encoder stays
+        frozen, then drop that too. Only then does the UNet load, so the three never share memory."""
         d = self.config.dataset
+        self.vae = self._load("vae").vae
         self.vae_id = vae_identity(self.vae)
         folder = Path(d.train_data_dir) / ".latent_cache" if d.cache_latents_to_disk else None
         self.latents = LatentCache(folder)
@@ -100,6 +107,8 @@ class Trainer:
                           dtype=next(self.vae.parameters()).dtype,
                           progress=self.progress and self.accelerator.is_main_process)
             self.vae = None
+            gc.collect()
+        self.text_encoder = self._load("text_encoder").text_encoder
         self.text_cache = None
         if not self.train_text and d.cache_text_encoder_outputs and not d.shuffle_caption:
             captions = sorted({i.caption for i in [*self.dataset.items, *self.dataset.reg_items]} | {""})
@@ -107,7 +116,12 @@ class Trainer:
             self.text_encoder = None
         gc.collect()
         if self.device.type == "cuda":
-            __import__("torch").cuda.empty_cache()
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def load_unet(self) -> None:
+        self.unet = self._load("unet").unet
 
     def _key(self, item, flip: bool) -> str:
         return latent_key(item.content, item.bucket, flip, self.vae_id)
@@ -195,7 +209,7 @@ class Trainer:
             if step >= self.plan.total_steps:
                 break
         bar.close()
-        self.save(self.plan.epochs, step, final=True)
+        self.steps_done = step
         self.result.unet = self.accelerator.unwrap_model(self.unet)
         self.result.text_encoder = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
         return self.result
@@ -216,7 +230,6 @@ class Trainer:
     def _loss(self, batch):
         import torch
         import torch.nn.functional as F
-        from diffusers.training_utils import compute_snr
 
         d, t = self.config.dataset, self.config.training
         flips = [d.flip_aug and self.rng.random() < 0.5 for _ in batch]
@@ -237,6 +250,8 @@ class Trainer:
         target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, steps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if t.min_snr_gamma:
+            from diffusers.training_utils import compute_snr
+
             snr = compute_snr(self.noise_scheduler, steps)
             weight = snr.clamp(max=t.min_snr_gamma) / (snr + 1 if self.prediction == "v_prediction" else snr)
             loss = loss * weight
@@ -293,8 +308,14 @@ def run(config: Config, progress: bool = True, log=print) -> tuple[Result, Plan]
     clock = time.perf_counter()
     trainer.cache()
     timings["cache"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    trainer.load_unet()
+    timings["load"] += time.perf_counter() - clock
     trainer.setup_network()
     clock = time.perf_counter()
     result = trainer.train()
     timings["train"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    trainer.save(plan.epochs, trainer.steps_done, final=True)
+    timings["save"] = time.perf_counter() - clock
     return result, plan
