@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageCms, ImageDraw
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,10 +61,6 @@ def make_image(
     return path
 
 
-def srgb_icc() -> bytes:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-
-
 def swapped_primaries_icc() -> bytes:
     """A minimal ICC v2 RGB profile whose red and blue primaries are swapped.
 
@@ -114,12 +109,6 @@ def image_factory(tmp_path: Path):
         return make_image(tmp_path / rel, **kwargs)
 
     return factory
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

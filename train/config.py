@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +129,6 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if value not in typing.get_args(kind):
             choices = ", ".join(map(repr, typing.get_args(kind)))
             raise ConfigError(f"{where} = {value!r} is not one of {choices}")
-        return value
-    if origin in (typing.Union, types.UnionType):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -127,6 +127,8 @@ class Trainer:
         return latent_key(item.content, item.bucket, flip, self.vae_id)
 
     def _encode(self, captions: list[str], batch: int | None = None):
+        """Prompt embeddings with clip skip. With `batch` (caching) in chunks without gradients; without it
+        (a trained text encoder, once per step) in one call with gradients."""
         import torch
 
         from lorasmith.train.text import encode_prompts, tokenize
