@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from lorasmith.train.trainer import run
 
-        result, plan = run(config, progress=not args.quiet, log=log)
+        result, plan = run(config, progress=not args.quiet, log=log, planned=(dataset, plan))
     except (ConfigError, DatasetError, ModelNotFound) as exc:
         print(f"train-lora: error: {exc}", file=sys.stderr)
         return 2

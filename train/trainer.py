@@ -298,8 +298,10 @@ def write_resolved_config(config: Config, plan: Plan) -> Path:
     return path
 
 
-def run(config: Config, progress: bool = True, log=print) -> tuple[Result, Plan]:
-    dataset, plan = plan_run(config)
+def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset, Plan] | None = None
+        ) -> tuple[Result, Plan]:
+    """The whole run; `planned` is the (dataset, plan) already read for printing, so it is not read twice."""
+    dataset, plan = planned or plan_run(config)
     trainer = Trainer(config, dataset, plan, progress, log)
     timings = trainer.result.timings
     clock = time.perf_counter()
