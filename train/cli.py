@@ -1,4 +1,7 @@
-"""`train-lora`: a preset in, a Kohya-format LoRA out. Exit codes: 0 done, 1 training failed, 2 bad preset/usage."""
+"""`train-lora`: a preset in, a Kohya-format LoRA out.
+
+Exit codes: 0 done, 1 training failed, 2 bad preset/usage/state, 75 stopped by SIGTERM/SIGINT with a state saved.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,22 @@ rounded up, doubled with regularisation images, divided by gradient accumulation
 Multi-GPU: accelerate launch --multi_gpu --num_processes N train-lora preset.toml
 (on CPU-only machines the processes use the CPU automatically).
 
-exit codes: 0 done, 1 training failed, 2 bad preset, dataset or model (one line says which key or path).
+States and resuming: with output.save_state (default on) a state is written with every epoch save, every
+output.save_state_every_n_steps steps, at the end and when SIGTERM or SIGINT arrives (the current step
+finishes first; a second signal exits at once). `--resume auto` continues from the newest complete state
+and ends with the same LoRA an uninterrupted run would have written. A state written by another preset or
+dataset is refused with the list of differences unless --force.
+
+Beside the LoRA: <name>.report.html (loss curves, validation, sample grids, timings; refreshed at every
+save), <name>.logs/loss.csv and validation.csv (and TensorBoard events when tensorboard is installed),
+<name>.samples/ and <name>.state/.
+
+exit codes:
+  0   done
+  1   training failed: non-finite loss, disk full, or an unexpected error (the message says which)
+  2   bad preset, dataset, model or state (one line names the key or path)
+  75  stopped by SIGTERM/SIGINT after writing a state: run again with --resume auto (EX_TEMPFAIL)
+  130/143  a second SIGINT/SIGTERM: exited at once, nothing written after the last state
 """
 
 
@@ -26,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", type=Path, help="preset file; relative paths in it are relative to the file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset key, typed from the schema (repeatable), e.g. --set optimizer.learning_rate=2e-4")
+    p.add_argument("--resume", metavar="auto|STATE", default=None,
+                   help="continue from the newest complete state (auto; a fresh start when there is none) "
+                        "or from a state folder such as out/name.state/step-00000200 (default: start afresh)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even though the preset or dataset changed since the state was written")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop; no model is loaded")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -39,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from lorasmith.captioning.hub import ModelNotFound
     from lorasmith.train.config import ConfigError, load_config
     from lorasmith.train.dataset import DatasetError
+    from lorasmith.train.events import NonFiniteLoss, Preempted
     from lorasmith.train.models import resolve_name
+    from lorasmith.train.signals import PREEMPTED_EXIT
+    from lorasmith.train.state import SaveError, StateError
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
@@ -59,20 +85,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("dry run: no model loaded, nothing written")
             return 0
-        from lorasmith.train.trainer import run
+        from lorasmith.train.events import load_resume
+        from lorasmith.train.trainer import check_resume, run
 
-        result, plan = run(config, progress=not args.quiet, log=log, planned=(dataset, plan))
-    except (ConfigError, DatasetError, ModelNotFound) as exc:
+        state = load_resume(config, args.resume)
+        if args.resume == "auto" and state is None:
+            log("note: --resume auto found no complete state; starting afresh")
+        if state is not None:
+            check_resume(config, dataset, plan, state, args.force, log)
+        result, plan = run(config, progress=not args.quiet, log=log, planned=(dataset, plan), resume=state)
+    except (ConfigError, DatasetError, ModelNotFound, StateError) as exc:
         print(f"train-lora: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"train-lora: {exc}; continue with: train-lora {args.preset} --resume auto", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except (NonFiniteLoss, SaveError) as exc:
+        from lorasmith.train.state import latest, state_root
+
+        kept = latest(state_root(config.output.output_dir, config.output.output_name))
+        where = f"The last good state is {kept} (--resume auto continues from it)." if kept else "No state was saved."
+        print(f"train-lora: error: {exc} {where if isinstance(exc, NonFiniteLoss) else ''}".rstrip(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train-lora: interrupted before training began; nothing to resume", file=sys.stderr)
+        return 130
     if world()[0] == 0:
         final = result.outputs[-1] if result.outputs else None
         size = f" ({final.stat().st_size / 2**20:.1f} MiB)" if final else ""
         losses = result.losses[-25:]
         t = result.timings
+        validation = f", validation {result.validation[-1]:.4f}" if result.validation else ""
         print(f"train-lora: {len(result.losses)} steps, final loss (mean of last {len(losses)}) "
-              f"{sum(losses) / max(1, len(losses)):.4f}; load {t.get('load', 0):.1f} s, cache {t.get('cache', 0):.1f} s, "
-              f"train {t.get('train', 0):.1f} s, save {t.get('save', 0):.1f} s → {final}{size}")
+              f"{sum(losses) / max(1, len(losses)):.4f}{validation}; load {t.get('load', 0):.1f} s, "
+              f"cache {t.get('cache', 0):.1f} s, train {t.get('train', 0):.1f} s, save {t.get('save', 0):.1f} s "
+              f"→ {final}{size}; report {result.report}")
     return 0
 
 

@@ -47,6 +47,8 @@ class DatasetConfig:
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = True
+    validation_split: float = 0.0
+    """Fraction of the pictures held out of training to measure a validation loss each epoch (0 = none)."""
 
 
 @dataclass
@@ -102,8 +104,31 @@ class OutputConfig:
     output_name: str = "lora"
     save_precision: Literal["fp16", "bf16", "float"] = "fp16"
     save_every_n_epochs: int = 0
+    save_state: bool = True
+    """Write a resumable state (weights, optimizer, schedule, RNG, data position) with every epoch save."""
+    save_state_every_n_steps: int = 0
+    """Also write a state every N optimizer steps (0 = only with epoch saves and on SIGTERM/SIGINT)."""
+    save_last_n_states: int = 2
+    """States kept on disk; older ones are removed once a newer one is complete."""
+    log_tensorboard: bool = True
+    """TensorBoard event files beside loss.csv when the tensorboard package is installed."""
     trigger_phrase: str = ""
     """Written to modelspec.trigger_phrase so UIs can show it; defaults to the first folder's tokens."""
+
+
+SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+            "dpmsingle", "ddpm", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+
+
+@dataclass
+class SampleConfig:
+    sample_prompts: str = ""
+    """A prompts file in Kohya's format (one prompt a line, --n --w --h --d --l --s options, # comments)."""
+    sample_every_n_epochs: int = 0
+    sample_every_n_steps: int = 0
+    sample_at_first: bool = False
+    """Sample once before training, to see the base model's output beside the trained ones."""
+    sample_sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
 
 
 @dataclass
@@ -116,6 +141,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -173,7 +199,7 @@ def parse_value(text: str, kind: Any) -> Any:
 
 
 PATH_KEYS = (("dataset", "train_data_dir"), ("dataset", "reg_data_dir"), ("output", "output_dir"),
-             ("model", "pretrained_model"))
+             ("model", "pretrained_model"), ("sample", "sample_prompts"))
 
 
 def _absolute(value: str, base: Path, key: str) -> str:
@@ -229,6 +255,11 @@ def validate(config: Config) -> None:
         (0 <= d.caption_dropout_rate < 1, "dataset.caption_dropout_rate must lie in [0, 1)"),
         (d.keep_tokens >= 0, "dataset.keep_tokens must be 0 or more"),
         (config.optimizer.learning_rate > 0, "optimizer.learning_rate must be positive"),
+        (0 <= d.validation_split < 1, "dataset.validation_split must lie in [0, 1), e.g. 0.1 holds out 10 %"),
+        (config.output.save_last_n_states >= 1, "output.save_last_n_states must be at least 1"),
+        (config.output.save_state_every_n_steps >= 0, "output.save_state_every_n_steps must be 0 (off) or more"),
+        (config.sample.sample_every_n_epochs >= 0 and config.sample.sample_every_n_steps >= 0,
+         "sample.sample_every_n_epochs and sample_every_n_steps must be 0 (off) or more"),
         (bool(d.train_data_dir), "dataset.train_data_dir is empty: point it at the folder prep-images wrote"),
     ]
     for ok, message in checks:
@@ -266,6 +297,9 @@ def _check_paths(config: Config, path: Path) -> None:
     reg = config.dataset.reg_data_dir
     if reg and not Path(reg).is_dir():
         raise ConfigError(f"{path}: dataset.reg_data_dir = {reg} is not a folder")
+    prompts = config.sample.sample_prompts
+    if prompts and not Path(prompts).is_file():
+        raise ConfigError(f"{path}: sample.sample_prompts = {prompts} is not a file")
 
 
 def to_toml(config: Config) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -46,6 +46,8 @@ class Dataset:
     warnings: list[str]
     folders: dict[str, int]
     """Folder name → repeats, for the ss_dataset_dirs metadata."""
+    validation: list[Item] = field(default_factory=list)
+    """Pictures held out of training for the validation loss."""
 
     def bucket_counts(self, reg: bool = False) -> dict[tuple[int, int], int]:
         counts: dict[tuple[int, int], int] = {}

@@ -1,4 +1,7 @@
-"""The life cycle of a run as named steps: plan → load → cache → set up the network → train → save."""
+"""The life cycle of a run as named steps: plan → load → cache → set up the network → train → save.
+
+What happens between steps (states, samples, validation, logs, the report) lives in `events.py`.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,14 @@ from pathlib import Path
 from lorasmith.prep.files import write_text_atomic
 from lorasmith.train.config import Config, to_toml
 from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
+from lorasmith.train.events import NonFiniteLoss, Preempted, RunEvents
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
+from lorasmith.train.signals import StopSignals
+from lorasmith.train.state import RESUME_SAFE, Loaded, StateError, config_fingerprint, dataset_fingerprint, describe_changes
+from lorasmith.train.validation import split_validation
+
+__all__ = ["NonFiniteLoss", "Preempted", "Result", "Trainer", "plan_run", "run", "world"]
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float": "float32"}
 LOSS_WINDOW = 25
@@ -28,6 +37,10 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     unet: object = None
     text_encoder: object = None
+    validation: list[float] = field(default_factory=list)
+    report: Path | None = None
+    states: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
 
 
 def world() -> tuple[int, int]:
@@ -40,6 +53,9 @@ def plan_run(config: Config) -> tuple[Dataset, Plan]:
     buckets = bucket_resolutions(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
     dataset = load_dataset(Path(d.train_data_dir), Path(d.reg_data_dir) if d.reg_data_dir else None,
                            d.caption_extension, buckets)
+    dataset.items, dataset.validation, warning = split_validation(dataset.items, d.validation_split, t.seed)
+    if warning:
+        dataset.warnings.append(warning)
     plan = make_plan(dataset.bucket_counts(), dataset.bucket_counts(reg=True), len(dataset.items),
                      len(dataset.reg_items), t.train_batch_size, t.gradient_accumulation_steps, world()[1],
                      t.max_train_epochs, t.max_train_steps, config.schedule.lr_warmup_steps,
@@ -47,13 +63,16 @@ def plan_run(config: Config) -> tuple[Dataset, Plan]:
     return dataset, plan
 
 
-class Trainer:
-    def __init__(self, config: Config, dataset: Dataset, plan: Plan, progress: bool = True, log=print):
+class Trainer(RunEvents):
+    def __init__(self, config: Config, dataset: Dataset, plan: Plan, progress: bool = True, log=print,
+                 resume: Loaded | None = None):
         self.config, self.dataset, self.plan = config, dataset, plan
         self.progress, self.log = progress, log
         self.result = Result()
         self.started = time.time()
         self.train_text = config.optimizer.text_encoder_lr > 0
+        self.resume = resume
+        self.setup_events()
 
     # -- load and cache: one large part in memory at a time ----------------------------------------------
     def load(self) -> None:
@@ -68,7 +87,11 @@ class Trainer:
         if not cuda and precision == "fp16":
             self.log("note: fp16 has no effect on CPU (no autocast, no loss scaling); training in fp32")
             precision = "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
+        from lorasmith.train.logs import tensorboard_available
+
+        tracker = "tensorboard" if self.config.output.log_tensorboard and tensorboard_available() else None
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda, log_with=tracker,
+                                       project_dir=str(self.paths.logs),
                                        gradient_accumulation_steps=t.gradient_accumulation_steps)
         set_seed(t.seed)
         self.device = self.accelerator.device
@@ -102,16 +125,19 @@ class Trainer:
             flips = (False, True) if d.flip_aug else (False,)
             jobs = [(self._key(item, f), item, f) for item in {*self.dataset.items, *self.dataset.reg_items}
                     for f in flips]
+            jobs += [(self._key(item, False), item, False) for item in self.dataset.validation]
             jobs.sort(key=lambda job: (str(job[1].image), job[2]))
             cache_latents(jobs, self.vae, self.latents, load_pixels, device=self.device,
                           dtype=next(self.vae.parameters()).dtype,
                           progress=self.progress and self.accelerator.is_main_process)
-            self.vae = None
+            if not self.prompts:  # samples decode with the VAE; otherwise it is not needed again
+                self.vae = None
             gc.collect()
         self.text_encoder = self._load("text_encoder").text_encoder
         self.text_cache = None
         if not self.train_text and d.cache_text_encoder_outputs and not d.shuffle_caption:
-            captions = sorted({i.caption for i in [*self.dataset.items, *self.dataset.reg_items]} | {""})
+            everything = [*self.dataset.items, *self.dataset.reg_items, *self.dataset.validation]
+            captions = sorted({i.caption for i in everything} | {""} | self.prompt_texts())
             self.text_cache = dict(zip(captions, self._encode(captions, batch=16)))
             self.text_encoder = None
         gc.collect()
@@ -127,8 +153,8 @@ class Trainer:
         return latent_key(item.content, item.bucket, flip, self.vae_id)
 
     def _encode(self, captions: list[str], batch: int | None = None):
-        """Prompt embeddings with clip skip. With `batch` (caching) in chunks without gradients; without it
-        (a trained text encoder, once per step) in one call with gradients."""
+        """Prompt embeddings with clip skip. With `batch` (caching, samples, validation) in chunks without
+        gradients; without it (a trained text encoder, once per step) in one call with gradients."""
         import torch
 
         from lorasmith.train.text import encode_prompts, tokenize
@@ -141,6 +167,14 @@ class Trainer:
             with context:
                 out.extend(encode_prompts(self.text_encoder, ids, self.config.training.clip_skip))
         return out
+
+    def embed(self, captions: list[str]):
+        """Embeddings without gradients, from the cache when the text encoder is frozen and cached."""
+        import torch
+
+        if self.text_cache is not None:
+            return torch.stack([self.text_cache[c] for c in captions]).to(self.device, self.weight_dtype)
+        return torch.stack(self._encode(captions, batch=16))
 
     # -- network ----------------------------------------------------------------------------------------
     def setup_network(self) -> None:
@@ -178,48 +212,76 @@ class Trainer:
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> Result:
+        """Optimizer steps until the plan's total, from the resumed position if any; between steps, the
+        events (states, samples, validation, saves) that events.py defines."""
+        import torch
         from tqdm import tqdm
 
         t = self.config.training
         rank, processes = self.accelerator.process_index, self.accelerator.num_processes
-        import torch
-
         self.generator = torch.Generator().manual_seed(t.seed * 7919 + rank)
         self.rng = random.Random(t.seed * 104_729 + rank)
         self.prediction = ("v_prediction" if self.config.model.v_parameterization
                            else self.noise_scheduler.config.prediction_type)
+        if self.resume is not None:
+            self.restore(self.resume)
+        # Modes set here, not inherited: peft's adapter dropouts are created in training mode inside a model
+        # loaded in eval mode, so a fresh and a resumed run would otherwise differ in which dropouts are on.
         self.unet.train()
-        step = 0
-        bar = tqdm(total=self.plan.total_steps, desc="train-lora", unit="step", file=sys.stderr,
+        if self.text_encoder is not None:
+            self.text_encoder.train(self.train_text)
+        bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="train-lora", unit="step", file=sys.stderr,
                    disable=not self.progress or not self.accelerator.is_main_process)
-        for epoch in range(1, self.plan.epochs + 1):
-            batches = epoch_batches(self.dataset, t.train_batch_size, t.seed, epoch)
-            share = -(-len(batches) // processes)
-            mine = (batches * 2)[rank : rank + share * processes : processes][:share]
-            for batch in mine:
-                loss = self._step(batch)
-                if self.accelerator.sync_gradients:
-                    step += 1
-                    self.result.losses.append(loss)
-                    window = self.result.losses[-LOSS_WINDOW:]
-                    bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                    bar.update(1)
-                    if step >= self.plan.total_steps:
+        self.open_log()
+        try:
+            with StopSignals(self.log) as self.signals:
+                if self.step == 0:
+                    self.at_start()
+                first_epoch, skip = self.position
+                for epoch in range(first_epoch, self.plan.epochs + 1):
+                    batches = epoch_batches(self.dataset, t.train_batch_size, t.seed, epoch)
+                    share = -(-len(batches) // processes)
+                    mine = (batches * 2)[rank : rank + share * processes : processes][:share]
+                    for index, batch in enumerate(mine):
+                        if epoch == first_epoch and index < skip:
+                            continue  # consumed before the state was written
+                        loss = self._step(batch)
+                        if not self.accelerator.sync_gradients:
+                            continue
+                        self.step += 1
+                        self.position = (epoch, index + 1)
+                        self.record(epoch, loss)
+                        window = self.result.losses[-LOSS_WINDOW:]
+                        bar.set_postfix(loss=f"{sum(window) / len(window):.4f}",
+                                        lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                        bar.update(1)
+                        self.after_step(epoch)
+                        if self.step >= self.plan.total_steps:
+                            break
+                    self.position = (epoch + 1, 0)
+                    self.after_epoch(epoch)
+                    if self.step >= self.plan.total_steps:
                         break
-            if epoch in self.plan.save_epochs and step < self.plan.total_steps:
-                self.save(epoch, step, final=False)
-            if step >= self.plan.total_steps:
-                break
-        bar.close()
-        self.steps_done = step
+                self.at_end()
+        except NonFiniteLoss as exc:
+            self.stopped(f"stopped: {exc.short} (nothing from that step was saved)")
+            raise
+        finally:
+            bar.close()
+            self.close_log()
+        self.steps_done = self.step
         self.result.unet = self.accelerator.unwrap_model(self.unet)
         self.result.text_encoder = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
         return self.result
 
     def _step(self, batch) -> float:
+        import torch
+
         models = [self.unet, self.text_encoder] if self.train_text else [self.unet]
         with self.accelerator.accumulate(*models):
             loss = self._loss(batch)
+            if self.agree(not bool(torch.isfinite(loss.detach()).all())):  # before backward: weights stay good
+                raise NonFiniteLoss(self.step + 1, float(loss.detach()), self.config)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.optimizer.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
@@ -231,9 +293,8 @@ class Trainer:
 
     def _loss(self, batch):
         import torch
-        import torch.nn.functional as F
 
-        d, t = self.config.dataset, self.config.training
+        d = self.config.dataset
         flips = [d.flip_aug and self.rng.random() < 0.5 for _ in batch]
         latents = self._latents(batch, flips)
         captions = [process_caption(i.caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, self.rng)
@@ -243,12 +304,22 @@ class Trainer:
         else:
             context = torch.stack(self._encode(captions))
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
-        if t.noise_offset:
-            noise += t.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.generator).to(noise)
+        if self.config.training.noise_offset:
+            noise += self.config.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1),
+                                                                     generator=self.generator).to(noise)
         steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),),
                               generator=self.generator).to(self.device)
+        loss = self.diffusion_loss(self.unet, latents, context, noise, steps)
+        reg = torch.tensor([d.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=loss.device)
+        return (loss * reg).mean()
+
+    def diffusion_loss(self, unet, latents, context, noise, steps):
+        """Per-sample MSE of the prediction (ε or v) at `steps`, min-SNR-γ weighted when configured."""
+        import torch.nn.functional as F
+
+        t = self.config.training
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
-        prediction = self.unet(noisy, steps, context).sample
+        prediction = unet(noisy, steps, context).sample
         target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, steps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if t.min_snr_gamma:
@@ -257,8 +328,7 @@ class Trainer:
             snr = compute_snr(self.noise_scheduler, steps)
             weight = snr.clamp(max=t.min_snr_gamma) / (snr + 1 if self.prediction == "v_prediction" else snr)
             loss = loss * weight
-        reg = torch.tensor([d.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=loss.device)
-        return (loss * reg).mean()
+        return loss
 
     def _latents(self, batch, flips):
         import torch
@@ -272,22 +342,30 @@ class Trainer:
         return torch.stack([scratch.get(k) for k, _, _ in jobs]).to(self.device, self.weight_dtype)
 
     # -- save -------------------------------------------------------------------------------------------
-    def save(self, epoch: int, step: int, final: bool) -> None:
+    def save(self, epoch: int, step: int, final: bool) -> Path | None:
         import torch
 
         from lorasmith.train.export import kohya_state_dict, save_lora
         from lorasmith.train.metadata import kohya_metadata
+        from lorasmith.train.state import storage_error
 
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
-            return
+            return None
         o = self.config.output
         name = f"{o.output_name}.safetensors" if final else f"{o.output_name}-{epoch:06d}.safetensors"
         unet = self.accelerator.unwrap_model(self.unet)
         text = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
         tensors = kohya_state_dict(unet, text, getattr(torch, SAVE_DTYPES[o.save_precision]))
         metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started, self.prediction)
-        self.result.outputs.append(save_lora(Path(o.output_dir) / name, tensors, metadata))
+        path = Path(o.output_dir) / name
+        try:
+            save_lora(path, tensors, metadata)
+        except OSError as exc:
+            raise storage_error(exc, path, self.last_state()) from None
+        self.result.outputs.append(path)
+        self.history["saves"].append([epoch, step, name])
+        return path
 
 
 def write_resolved_config(config: Config, plan: Plan) -> Path:
@@ -298,11 +376,27 @@ def write_resolved_config(config: Config, plan: Plan) -> Path:
     return path
 
 
-def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset, Plan] | None = None
-        ) -> tuple[Result, Plan]:
-    """The whole run; `planned` is the (dataset, plan) already read for printing, so it is not read twice."""
+def check_resume(config: Config, dataset: Dataset, plan: Plan, loaded: Loaded, force: bool, log=print) -> None:
+    """Refuse (StateError) to continue a state written by another preset or dataset, unless `force`."""
+    fingerprint = {**config_fingerprint(config), "processes": plan.processes}
+    before = {k: v for k, v in loaded.manifest.get("config", {}).items() if k in fingerprint or k not in RESUME_SAFE}
+    changes = describe_changes(before, fingerprint, loaded.manifest.get("dataset", {}),
+                               dataset_fingerprint([*dataset.items, *dataset.reg_items, *dataset.validation]))
+    if not changes:
+        return
+    listing = "; ".join(changes)
+    if not force:
+        raise StateError(f"{loaded.folder} was written by a different run: {listing}. Undo the change, start "
+                         "afresh without --resume, or add --force to continue with the new settings")
+    log(f"warning: resuming with --force despite: {listing}")
+
+
+def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset, Plan] | None = None,
+        resume: Loaded | None = None) -> tuple[Result, Plan]:
+    """The whole run; `planned` is the (dataset, plan) already read for printing, so it is not read twice;
+    `resume` a state from `events.load_resume`, already accepted by `check_resume`."""
     dataset, plan = planned or plan_run(config)
-    trainer = Trainer(config, dataset, plan, progress, log)
+    trainer = Trainer(config, dataset, plan, progress, log, resume)
     timings = trainer.result.timings
     clock = time.perf_counter()
     trainer.load()
@@ -319,7 +413,5 @@ def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset
     clock = time.perf_counter()
     result = trainer.train()
     timings["train"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    trainer.save(plan.epochs, trainer.steps_done, final=True)
-    timings["save"] = time.perf_counter() - clock
+    trainer.finish()
     return result, plan

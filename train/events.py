@@ -1,0 +1,390 @@
+"""What happens between optimizer steps: states, samples, validation, logs, saves and the report.
+
+A mixin of `Trainer`, so the training loop reads as the life cycle and this file as the schedule of side
+work. Everything here that draws random numbers uses its own generator or restores the global one, so a
+run with samples and validation trains exactly the same weights as one without, and a resumed run the
+same as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorasmith.train.state import latest, read_state, state_root, write_state
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops before the step's update is applied."""
+
+    def __init__(self, step: int, value: float, config):
+        self.step, self.value = step, value
+        t, o = config.training, config.optimizer
+        self.short = f"the loss became {value} at step {step}"
+        hints = [f"a learning rate too high (optimizer.learning_rate = {o.learning_rate:g}; try a third of it)"]
+        if t.mixed_precision == "fp16":
+            hints.insert(0, 'fp16 overflow: set training.mixed_precision = "bf16" (RTX 30xx and newer) or "no"')
+        else:
+            hints.append("in fp16 runs, overflow: bf16 avoids it")
+        super().__init__(f"{self.short}. Likely causes: {'; '.join(hints)}.")
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT: the state is written and the process should exit with PREEMPTED_EXIT."""
+
+    def __init__(self, signal_name: str, step: int, state: Path | None):
+        self.signal_name, self.step, self.state = signal_name, step, state
+        where = f"state saved in {state}" if state else "no state saved (output.save_state = false)"
+        super().__init__(f"stopped by {signal_name} after step {step}; {where}")
+
+
+@dataclass
+class RunPaths:
+    states: Path
+    samples: Path
+    logs: Path
+    report: Path
+
+    @classmethod
+    def of(cls, config) -> RunPaths:
+        out, name = Path(config.output.output_dir), config.output.output_name
+        return cls(state_root(out, name), out / f"{name}.samples", out / f"{name}.logs", out / f"{name}.report.html")
+
+
+class RunEvents:
+    """Needs from Trainer: config, plan, dataset, accelerator, unet, text_encoder, optimizer, lr_scheduler,
+    generator, rng, result, log, embed(), diffusion_loss(), save()."""
+
+    def setup_events(self) -> None:
+        from lorasmith.train.prompts import read_prompts
+
+        self.paths = RunPaths.of(self.config)
+        self.history = {"loss": [], "validation": [], "samples": [], "saves": []}
+        self.step, self.position = 0, (1, 0)
+        self.times: dict[str, list[float]] = {"state save": [], "sampling": [], "validation": [], "report": []}
+        self.last_sampled = self.last_validated = None
+        self.signals = None
+        self.prompts = []
+        if self.config.sample.sample_prompts:
+            self.prompts, warnings = read_prompts(Path(self.config.sample.sample_prompts))
+            for warning in warnings:
+                self.log(f"warning: {warning} (skipped)")
+
+    def prompt_texts(self) -> set[str]:
+        return {text for p in self.prompts for text in (p.prompt, p.negative)}
+
+    def agree(self, flag: bool) -> bool:
+        """True when any process says so; all processes then take the same branch."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        import torch
+
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "max").item())
+
+    def _timed(self, kind: str, started: float) -> None:
+        self.times[kind].append(time.perf_counter() - started)
+
+    # -- the schedule -----------------------------------------------------------------------------------
+    def record(self, epoch: int, loss: float) -> None:
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.result.losses.append(loss)
+        self.history["loss"].append([self.step, epoch, loss, lr])
+        if self.accelerator.is_main_process:
+            self.runlog.step(self.step, epoch, loss, lr)
+
+    def at_start(self) -> None:
+        if self.config.sample.sample_at_first:
+            self.sample(0)
+        if self.dataset.validation:
+            self.validate(0)
+
+    def after_step(self, epoch: int) -> None:
+        o, s = self.config.output, self.config.sample
+        if self.agree(self.signals is not None and self.signals.requested is not None):
+            self.preempt()
+        done = self.step >= self.plan.total_steps
+        if s.sample_every_n_steps and self.step % s.sample_every_n_steps == 0:
+            self.sample(epoch)
+        if o.save_state and o.save_state_every_n_steps and self.step % o.save_state_every_n_steps == 0 and not done:
+            self.save_state()
+            self.write_report(self.running_status())
+
+    def after_epoch(self, epoch: int) -> None:
+        o, s = self.config.output, self.config.sample
+        if self.dataset.validation:
+            self.validate(epoch)
+        if s.sample_every_n_epochs and epoch % s.sample_every_n_epochs == 0:
+            self.sample(epoch)
+        if epoch in self.plan.save_epochs and self.step < self.plan.total_steps:
+            self.save(epoch, self.step, final=False)
+            if o.save_state:
+                self.save_state()
+            self.write_report(self.running_status())
+        if self.agree(self.signals is not None and self.signals.requested is not None):
+            self.preempt()
+
+    def at_end(self) -> None:
+        if self.dataset.validation and self.last_validated != self.step:
+            self.validate(self.position[0] - 1)
+        if self.prompts and self.last_sampled != self.step:
+            self.sample(self.position[0] - 1)
+
+    def finish(self) -> None:
+        """The final LoRA, a final state (to train on later with --resume --force) and the finished report."""
+        epoch = min(self.plan.epochs, self.position[0] - 1) or 1
+        started = time.perf_counter()
+        self.save(epoch, self.step, final=True)
+        save_time = time.perf_counter() - started
+        if self.config.output.save_state:
+            self.save_state()
+        self.result.timings["save"] = save_time
+        self.write_report(f"finished: {self.step} steps, {epoch} epoch(s)", final=True)
+
+    def running_status(self) -> str:
+        return f"in progress: step {self.step} of {self.plan.total_steps} (this page is refreshed at every save)"
+
+    # -- states -----------------------------------------------------------------------------------------
+    def last_state(self) -> Path | None:
+        return latest(self.paths.states)
+
+    def _adapters(self) -> dict:
+        """Trainable tensors by a stable name: `unet.<peft name>` and `text_encoder.<peft name>`."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder if self.train_text else None}
+        return {f"{prefix}.{name}": p for prefix, model in models.items() if model is not None
+                for name, p in self.accelerator.unwrap_model(model).named_parameters() if "lora_" in name}
+
+    def _rng_state(self) -> dict:
+        import torch
+
+        state = {"generator": self.generator.get_state(), "python": self.rng.getstate(),
+                 "global_python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_state(self) -> Path | None:
+        """Everything needed to continue bit-identically: adapters, optimizer, schedule, every process's
+        RNG states, the data position and the history for logs and the report."""
+        import torch
+        from accelerate.utils import gather_object
+        from safetensors.torch import save
+
+        from lorasmith.train.state import config_fingerprint, dataset_fingerprint
+
+        started = time.perf_counter()
+        rngs = [self._rng_state()]
+        if self.accelerator.num_processes > 1:
+            rngs = gather_object(rngs)
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        adapters = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self._adapters().items()}
+        buffer = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
+                    "rng": rngs, "accelerator_step": self.accelerator.step}, buffer)
+        d = self.dataset
+        info = {"epoch": self.position[0], "position": list(self.position), "processes": self.plan.processes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "config": {**config_fingerprint(self.config), "processes": self.plan.processes},
+                "dataset": dataset_fingerprint([*d.items, *d.reg_items, *d.validation])}
+        files = {"adapters.safetensors": save(adapters), "training.pt": buffer.getvalue(),
+                 "history.json": json.dumps(self.history).encode()}
+        folder = write_state(self.paths.states, self.step, files, info, self.config.output.save_last_n_states)
+        self.result.states.append(folder)
+        self._timed("state save", started)
+        return folder
+
+    def restore(self, loaded) -> None:
+        import torch
+
+        from lorasmith.train.state import StateError
+
+        started = time.perf_counter()
+        params = self._adapters()
+        if set(params) != set(loaded.adapters):
+            raise StateError(f"{loaded.folder} holds adapters for another network (rank, targets or text "
+                             "encoder training differ); it cannot be resumed with this preset")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(loaded.adapters[name].to(param.device, param.dtype))
+        t = loaded.training
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.lr_scheduler.load_state_dict(t["scheduler"])
+        rank = self.accelerator.process_index
+        rng = t["rng"][rank] if rank < len(t["rng"]) else t["rng"][0]
+        self.generator.set_state(rng["generator"])
+        self.rng.setstate(rng["python"])
+        random.setstate(rng["global_python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.accelerator.step = t["accelerator_step"]
+        self.step, self.position = loaded.manifest["step"], tuple(loaded.manifest["position"])
+        self.history = {key: loaded.history.get(key, []) for key in self.history}
+        self.result.losses = [row[2] for row in self.history["loss"]]
+        self.result.validation = [row[2] for row in self.history["validation"]]
+        self.last_sampled = self.history["samples"][-1]["step"] if self.history["samples"] else None
+        self.last_validated = self.history["validation"][-1][0] if self.history["validation"] else None
+        self.result.timings["state load"] = time.perf_counter() - started
+        self.log(f"resumed from {loaded.folder} at step {self.step} (epoch {self.position[0]}, "
+                 f"batch {self.position[1]} of the epoch done)")
+
+    def preempt(self) -> None:
+        name = self.signals.name if self.signals and self.signals.requested else "a signal"
+        folder = self.save_state() if self.config.output.save_state else None
+        self.write_report(f"stopped by {name} at step {self.step} of {self.plan.total_steps}; "
+                          f"continue with: train-lora <preset> --resume auto")
+        raise Preempted(name, self.step, folder)
+
+    def stopped(self, status: str) -> None:
+        self.write_report(status)
+
+    # -- validation and samples -------------------------------------------------------------------------
+    def validate(self, epoch: int) -> float | None:
+        """Mean loss over the held-out pictures at fixed timesteps with fixed noise (see validation.py)."""
+        import torch
+
+        from lorasmith.train.validation import NOISE_SEED, TIMESTEPS
+
+        if not self.accelerator.is_main_process:
+            return None
+        started = time.perf_counter()
+        unet = self.accelerator.unwrap_model(self.unet)
+        text = self.accelerator.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
+        modes = [(m, m.training) for m in (unet, text) if m is not None]
+        for model, _ in modes:
+            model.eval()
+        generator = torch.Generator().manual_seed(NOISE_SEED)
+        total, count = 0.0, 0
+        with torch.no_grad(), self.accelerator.autocast():
+            for item in sorted(self.dataset.validation, key=lambda i: str(i.image)):
+                latent = self._latents([item], [False])[0]
+                latents = latent.unsqueeze(0).expand(len(TIMESTEPS), *latent.shape)
+                noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
+                context = self.embed([item.caption]).expand(len(TIMESTEPS), -1, -1)
+                steps = torch.tensor(TIMESTEPS, device=self.device)
+                losses = self.diffusion_loss(unet, latents, context, noise, steps)
+                total, count = total + float(losses.sum()), count + len(TIMESTEPS)
+        for model, mode in modes:
+            model.train(mode)
+        value = total / max(1, count)
+        self.history["validation"].append([self.step, epoch, value])
+        self.result.validation.append(value)
+        self.runlog.validation(self.step, epoch, value)
+        self.last_validated = self.step
+        self._timed("validation", started)
+        return value
+
+    def sample(self, epoch: int) -> list[Path]:
+        """One picture per prompt with the LoRA as it is now, and their grid; the RNG of training is untouched."""
+        import torch
+
+        from lorasmith.prep.files import atomic_writer
+        from lorasmith.train.sampling import generate, make_grid, make_scheduler
+
+        self.last_sampled = self.step
+        if not self.prompts or not self.accelerator.is_main_process:
+            return []
+        started = time.perf_counter()
+        unet = self.accelerator.unwrap_model(self.unet)
+        text = self.accelerator.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
+        modes = [(m, m.training) for m in (unet, text) if m is not None]
+        tag = f"e{epoch:06d}-s{self.step:08d}"
+        images, paths = [], []
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
+            for model, _ in modes:
+                model.eval()
+            for i, prompt in enumerate(self.prompts):
+                scheduler = make_scheduler(prompt.sampler or self.config.sample.sample_sampler,
+                                           self.noise_scheduler.config)
+                positive, negative = self.embed([prompt.prompt]), self.embed([prompt.negative])
+                seed = prompt.seed if prompt.seed is not None else self.config.training.seed + i
+                image = generate(unet, self.vae, self.tokenizer, scheduler, positive, negative, prompt, seed,
+                                 self.device)
+                path = self.paths.samples / f"{tag}-{i:02d}.png"
+                with atomic_writer(path) as handle:
+                    image.save(handle, "PNG")
+                images.append(image)
+                paths.append(path)
+            for model, mode in modes:
+                model.train(mode)
+        title = f"epoch {epoch} · step {self.step}" + (f" · loss {self.recent_loss():.4f}" if self.step else "")
+        grid = make_grid(images, [p.prompt for p in self.prompts], title)
+        grid_path = self.paths.samples / f"{tag}-grid.png"
+        with atomic_writer(grid_path) as handle:
+            grid.save(handle, "PNG")
+        self.history["samples"].append({"step": self.step, "epoch": epoch, "grid": grid_path.name,
+                                        "images": [p.name for p in paths]})
+        self.result.samples += paths
+        self._timed("sampling", started)
+        return paths
+
+    def recent_loss(self) -> float:
+        window = self.result.losses[-25:]
+        return sum(window) / len(window) if window else math.nan
+
+    # -- logs and the report ----------------------------------------------------------------------------
+    def open_log(self) -> None:
+        from lorasmith.train.logs import RunLog
+
+        self.runlog = RunLog(self.paths.logs, self.accelerator)
+        if self.accelerator.is_main_process:
+            self.runlog.open(self.history, self.config.output.output_name)
+
+    def close_log(self) -> None:
+        if self.accelerator.is_main_process:
+            self.runlog.close()
+
+    def write_report(self, status: str, final: bool = False) -> Path | None:
+        from lorasmith.prep.files import write_text_atomic
+        from lorasmith.train.config import to_toml
+        from lorasmith.train.report import ReportData, image_uri, render
+
+        if not self.accelerator.is_main_process:
+            return None
+        started = time.perf_counter()
+        out, name = Path(self.config.output.output_dir), self.config.output.output_name
+        grids = []
+        for event in self.history["samples"]:
+            path = self.paths.samples / event["grid"]
+            if path.is_file():
+                grids.append((f"epoch {event['epoch']} · step {event['step']}", event["epoch"], image_uri(path)))
+        outputs = [(p.name, p.stat().st_size) for p in sorted(out.glob(f"{name}*.safetensors"))]
+        for folder in sorted(self.paths.states.glob("step-*")) if self.paths.states.is_dir() else ():
+            outputs.append((f"{self.paths.states.name}/{folder.name} (state)",
+                            sum(f.stat().st_size for f in folder.iterdir())))
+        timings = {k: v for k, v in self.result.timings.items()}
+        timings.update({f"{k} ({len(v)}×)": sum(v) for k, v in self.times.items() if v})
+        d = self.dataset
+        lines = [f"{folder}: {repeats} repeats" for folder, repeats in d.folders.items()]
+        lines += [f"{len(d.items)} training pictures, {len(d.validation)} held out for validation, "
+                  f"{len(d.reg_items)} regularisation pictures"]
+        data = ReportData(f"{name}: train-lora report", status, to_toml(self.config), self.plan.lines(), lines,
+                          self.history["loss"], self.history["validation"], self.plan.total_steps, timings, outputs,
+                          grids, {epoch: file for epoch, _, file in self.history["saves"]})
+        write_text_atomic(self.paths.report, render(data))
+        self.result.report = self.paths.report
+        if not final:
+            self._timed("report", started)
+        return self.paths.report
+
+
+def load_resume(config, value: str | None):
+    """`--resume auto` → the newest complete state (None when there is none); a path → that state."""
+    from lorasmith.train.state import StateError
+
+    if not value:
+        return None
+    if value == "auto":
+        folder = latest(RunPaths.of(config).states)
+        return read_state(folder) if folder else None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise StateError(f"--resume {value}: no such state folder (states live in {RunPaths.of(config).states})")
+    return read_state(folder)

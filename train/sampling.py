@@ -1,0 +1,92 @@
+"""Sample images from the LoRA in training, through diffusers' StableDiffusionPipeline, and a grid per event.
+
+The pipeline gets prompt embeddings from train-lora's own clip-skip function (`prompt_embeds=`), so
+samples see exactly the conditioning training used. Sampler names are Kohya's `sample_sampler` values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from lorasmith.train.prompts import Prompt
+
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
+TILE = 256
+"""Grid tiles are scaled to this height: enough to judge an epoch, small enough for a report."""
+
+
+@dataclass
+class Sample:
+    path: Path
+    prompt: Prompt
+    seed: int
+
+
+def make_scheduler(name: str, base_config):
+    """The named sampler configured like the model's own noise schedule (betas, prediction type)."""
+    import diffusers
+
+    key = ALIASES.get(name, name)
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; one of {', '.join([*SAMPLERS, *ALIASES])}")
+    cls, extra = SAMPLERS[key]
+    return getattr(diffusers, cls).from_config(base_config, **extra)
+
+
+def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt, seed: int, device):
+    """One picture for `prompt` with embeddings already computed; noise from a CPU generator, so the same
+    seed gives the same start on any device."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, unet.config.in_channels, prompt.height // 8, prompt.width // 8), generator=generator)
+    dtype = positive.dtype
+    return pipe(prompt_embeds=positive.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
+                height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
+                guidance_scale=prompt.scale, latents=latents.to(device, dtype), output_type="pil").images[0]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def make_grid(images: list[Image.Image], labels: list[str], title: str, tile: int = TILE) -> Image.Image:
+    """Tiles side by side at one height, each with its label under it, a title above."""
+    font, pad, line = _font(13), 6, 16
+    tiles = [im.resize((max(1, round(im.width * tile / im.height)), tile), Image.Resampling.LANCZOS) for im in images]
+    width = sum(t.width for t in tiles) + pad * (len(tiles) + 1)
+    grid = Image.new("RGB", (max(width, 200), tile + 3 * line + 3 * pad), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, pad), title, fill="black", font=font)
+    x = pad
+    for t, label in zip(tiles, labels):
+        grid.paste(t, (x, line + 2 * pad))
+        text = label
+        while len(text) > 1 and draw.textlength(text + "…", font=font) > t.width:
+            text = text[:-1]
+        draw.text((x, tile + line + 3 * pad), text if text == label else text + "…", fill="black", font=font)
+        x += t.width + pad
+    return grid
