@@ -6,6 +6,11 @@ cached by both. Reported: seconds per optimizer step (training phase only), peak
 process, and the whole job's wall time (start to saved file). Rounds interleave, medians are reported.
 
     .venv/bin/python bench/train_bench.py [--rounds 2] [--steps 6] [--skip-sd15]
+
+--overhead measures what the batch-job features cost instead: the same run plain (no states, samples or
+validation) and as a batch job (a state every 2 steps, 2 sampling events of one 256×256 prompt at 8
+steps, a held-out picture), interleaved; then a resume from the last state. Reported: seconds per state
+save and load, a state's size on disk, seconds per sampling event, and their share of the training phase.
 """
 
 from __future__ import annotations
@@ -142,6 +147,62 @@ def bench(name: str, model: Path, root: Path, rounds: int, steps: int, checkpoin
         print(f"  {label:15s} {med[0]:7.3f} s/step   peak RSS {med[1]:7.0f} MiB   whole job {med[2]:6.1f} s")
 
 
+def child_run(preset: str, resume: str) -> None:
+    """One run in this process; prints its timings, event times and state sizes as JSON."""
+    import json
+
+    from lorasmith.train.config import load_config
+    from lorasmith.train.events import load_resume
+    from lorasmith.train.trainer import run
+
+    config = load_config(Path(preset))
+    result, plan = run(config, progress=False, log=lambda m: None, resume=load_resume(config, resume or None))
+    sizes = [sum(f.stat().st_size for f in folder.iterdir()) for folder in result.states if folder.is_dir()]
+    print("RESULT " + json.dumps({"timings": result.timings, "events": result.events, "state_bytes": sizes,
+                                  "lora_bytes": result.outputs[-1].stat().st_size}))
+
+
+def overhead(name: str, model: Path, root: Path, rounds: int, steps: int) -> None:
+    import json
+
+    data = root / "data"
+    prompts = root / "prompts.txt"
+    prompts.write_text(f"claymation style, a clay figure --w {SIZE} --h {SIZE} --s 8 --d 1\n", encoding="utf-8")
+    plain = write_preset(root / f"{name}-plain.toml", model, data, root / "plain", steps)
+    plain.write_text(plain.read_text().replace("[output]", "[output]\nsave_state = false"), encoding="utf-8")
+    job = write_preset(root / f"{name}-job.toml", model, data, root / "job", steps)
+    job.write_text(job.read_text().replace("[dataset]", "[dataset]\nvalidation_split = 0.2").replace(
+        "[output]", "[output]\nsave_state_every_n_steps = 2\nsave_last_n_states = 10") +
+        f"[sample]\nsample_prompts = \"{prompts}\"\nsample_every_n_steps = {steps // 2}\n", encoding="utf-8")
+    runs: dict[str, list[dict]] = {"plain": [], "batch job": [], "resume": []}
+    for r in range(rounds):
+        for label, preset, resume in (("plain", plain, ""), ("batch job", job, ""),
+                                      ("resume", job, str(root / "job" / "bench.state" / f"step-{steps - 2:08d}"))):
+            wall, peak, out = measure([sys.executable, __file__, "--child-run", str(preset), resume])
+            result = json.loads(out.split("RESULT ", 1)[1])
+            result["wall"], result["peak"] = wall, peak
+            runs[label].append(result)
+            t, e = result["timings"], result["events"]
+            print(f"  {name} round {r + 1}: {label}: train phase {t['train']:.2f} s, state saves "
+                  f"{len(e['state save'])}× {sum(e['state save']):.2f} s, sampling {sum(e['sampling']):.2f} s, "
+                  f"validation {sum(e['validation']):.2f} s, state load {t.get('state load', 0):.3f} s, "
+                  f"whole job {wall:.1f} s, peak RSS {peak:.0f} MiB", flush=True)
+    med = statistics.median
+    job_runs, plain_runs = runs["batch job"], runs["plain"]
+    saves = [x for run in job_runs for x in run["events"]["state save"]]
+    samples = [x for run in job_runs for x in run["events"]["sampling"]]
+    side = [sum(sum(v) for v in run["events"].values()) for run in job_runs]
+    print(f"{name} medians over {rounds} rounds ({steps} steps):")
+    print(f"  state save   {med(saves):.3f} s each; size {med(job_runs[0]['state_bytes']) / 2**20:.2f} MiB "
+          f"(the LoRA alone: {job_runs[0]['lora_bytes'] / 2**20:.2f} MiB in fp16)")
+    print(f"  state load   {med(r['timings']['state load'] for r in runs['resume']):.3f} s")
+    print(f"  sampling     {med(samples):.2f} s per event (one 256×256 picture, 8 steps, CFG)")
+    print(f"  train phase  plain {med(r['timings']['train'] for r in plain_runs):.2f} s, batch job "
+          f"{med(r['timings']['train'] for r in job_runs):.2f} s; states+samples+validation+report "
+          f"{med(side):.2f} s = {100 * med(s / r['timings']['train'] for s, r in zip(side, job_runs)):.0f} % of it; "
+          f"states alone {100 * med(sum(r['events']['state save']) / r['timings']['train'] for r in job_runs):.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
@@ -149,8 +210,13 @@ def main() -> None:
     parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--only-sd15", action="store_true")
     parser.add_argument("--checkpointing", action="store_true", help="also time train-lora with gradient checkpointing")
+    parser.add_argument("--overhead", action="store_true", help="measure states, samples and validation instead")
     parser.add_argument("--child-reference", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-run", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_run:
+        child_run(*args.child_run)
+        return
     if args.child_reference:
         reference(args.child_reference[0], args.child_reference[1], int(args.child_reference[2]))
         return
@@ -166,9 +232,13 @@ def main() -> None:
             start = time.perf_counter()
             model = build_sd(root / f"model-{size}", size)
             print(f"built random-weight {size} model in {time.perf_counter() - start:.0f} s", flush=True)
-            bench(size, model, root, args.rounds, args.steps if size == "sd15" else max(args.steps, 20),
-                  args.checkpointing)
-    print("goal: train-lora no slower per step than the reference; SD1.5 peak RSS ≤ 4.5 GB (4,292 MiB)")
+            steps = args.steps if size == "sd15" else max(args.steps, 20)
+            if args.overhead:
+                overhead(size, model, root, args.rounds, steps)
+            else:
+                bench(size, model, root, args.rounds, steps, args.checkpointing)
+    if not args.overhead:
+        print("goal: train-lora no slower per step than the reference; SD1.5 peak RSS ≤ 4.5 GB (4,292 MiB)")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,16 @@ def test_report_marks_in_band_epochs_and_escapes_text():
     assert '<tr class="in-band"><td>2</td><td>0.0900</td><td></td><td>x.safetensors</td>' in page
     assert '<tr class=""><td>1</td><td>0.2000</td><td>0.3000</td>' in page
     assert 'src="data:image/jpeg;base64,AA=="' in page and "1.00 MiB" in page
+
+
+@pytest.mark.parametrize("precision, first", [("fp16", 'fp16 overflow: set training.mixed_precision = "bf16"'),
+                                              ("no", "a learning rate too high (optimizer.learning_rate = 0.0001")])
+def test_non_finite_loss_names_the_step_and_the_likely_cause_first(precision, first):
+    from lorasmith.train.config import Config
+    from lorasmith.train.events import NonFiniteLoss
+
+    config = Config()
+    config.training.mixed_precision = precision
+    message = str(NonFiniteLoss(13, float("inf"), config))
+    assert message.startswith(f"the loss became inf at step 13. Likely causes: {first}")
+    assert ("fp16" in message) == (precision == "fp16")

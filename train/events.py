@@ -26,11 +26,10 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.value = step, value
         t, o = config.training, config.optimizer
         self.short = f"the loss became {value} at step {step}"
-        hints = [f"a learning rate too high (optimizer.learning_rate = {o.learning_rate:g}; try a third of it)"]
+        hints = [f"a learning rate too high (optimizer.learning_rate = {o.learning_rate:g}; try a third of it)",
+                 "if it recurs at a lower rate, a damaged picture (run prep-images again)"]
         if t.mixed_precision == "fp16":
             hints.insert(0, 'fp16 overflow: set training.mixed_precision = "bf16" (RTX 30xx and newer) or "no"')
-        else:
-            hints.append("in fp16 runs, overflow: bf16 avoids it")
         super().__init__(f"{self.short}. Likely causes: {'; '.join(hints)}.")
 
 
@@ -67,6 +66,7 @@ class RunEvents:
         self.history = {"loss": [], "validation": [], "samples": [], "saves": []}
         self.step, self.position = 0, (1, 0)
         self.times: dict[str, list[float]] = {"state save": [], "sampling": [], "validation": [], "report": []}
+        self.result.events = self.times
         self.last_sampled = self.last_validated = None
         self.signals = None
         self.prompts = []
@@ -230,7 +230,7 @@ class RunEvents:
         self.result.validation = [row[2] for row in self.history["validation"]]
         self.last_sampled = self.history["samples"][-1]["step"] if self.history["samples"] else None
         self.last_validated = self.history["validation"][-1][0] if self.history["validation"] else None
-        self.result.timings["state load"] = time.perf_counter() - started
+        self.result.timings["state load"] = loaded.seconds + time.perf_counter() - started
         self.log(f"resumed from {loaded.folder} at step {self.step} (epoch {self.position[0]}, "
                  f"batch {self.position[1]} of the epoch done)")
 

@@ -45,6 +45,8 @@ class Loaded:
     adapters: dict
     training: dict
     history: dict
+    seconds: float = 0.0
+    """Time spent reading and verifying the files."""
 
 
 def state_root(output_dir: str | Path, name: str) -> Path:
@@ -163,10 +165,12 @@ def prune(root: Path, keep: int) -> list[Path]:
 def read_state(folder: Path) -> Loaded:
     """The state in `folder`, every file checked against the manifest's sha256."""
     import io
+    import time
 
     import torch
     from safetensors.torch import load
 
+    started = time.perf_counter()
     if not is_complete(folder):
         raise StateError(f"{folder} is not a complete training state (its {MANIFEST} is missing or does not "
                          "match its files); use --resume auto to take the newest complete one")
@@ -179,7 +183,7 @@ def read_state(folder: Path) -> Loaded:
                              "resume from another state or delete this folder")
     training = torch.load(io.BytesIO(data["training.pt"]), map_location="cpu", weights_only=True)
     return Loaded(folder, manifest, load(data["adapters.safetensors"]), training,
-                  json.loads(data["history.json"]))
+                  json.loads(data["history.json"]), time.perf_counter() - started)
 
 
 # -- what a resumed run must share with the run that wrote the state ------------------------------------

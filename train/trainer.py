@@ -41,6 +41,8 @@ class Result:
     report: Path | None = None
     states: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    events: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds spent on each state save, sampling event, validation and report refresh."""
 
 
 def world() -> tuple[int, int]:
