@@ -188,27 +188,44 @@ def test_cli_dry_run_and_missing_model(tmp_path, tiny_sd):
     assert "Traceback" not in done.stderr
 
 
-def test_two_cpu_processes_end_with_identical_weights(tmp_path, tiny_sd):
+def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_path, tiny_sd):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: gradients are synchronised, so both ranks
-    (which see different batches and noise) hold the same LoRA afterwards."""
+    (which see different batches and noise) hold the same LoRA afterwards; a two-process run resumed from a
+    mid-run state (each rank restores its own RNG) ends with the same weights again."""
     import os
+    import shutil
 
     preset = write_preset(tmp_path / "p.toml", tiny_sd, small_dataset(tmp_path / "data"), tmp_path / "out",
+                          dataset={"flip_aug": True}, network={"network_dropout": 0.1},
                           optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
-                          training={"max_train_steps": 3, "train_batch_size": 2})
-    command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_worker.py"),
-               str(preset), str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    with safe_open(str(tmp_path / "rank0.safetensors"), "pt") as a, safe_open(str(tmp_path / "rank1.safetensors"), "pt") as b:
-        assert a.metadata()["processes"] == "2" and a.metadata()["steps"] == "3"
+                          training={"max_train_steps": 4, "train_batch_size": 2},
+                          output={"save_state_every_n_steps": 1, "save_last_n_states": 5})
+
+    def launch(folder: Path, *resume: str) -> None:
+        folder.mkdir(exist_ok=True)
+        command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_worker.py"),
+                   str(preset), str(folder), *resume]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch(tmp_path / "whole")
+    with safe_open(str(tmp_path / "whole" / "rank0.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "whole" / "rank1.safetensors"), "pt") as b:
+        assert a.metadata()["processes"] == "2" and a.metadata()["steps"] == "4"
         keys = sorted(a.keys())
         assert keys == sorted(b.keys()) and len(keys) > 0
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
         assert max(a.get_tensor(k).abs().max().item() for k in keys if "lora_up" in k) > 0  # it trained
     assert (tmp_path / "out" / "test.safetensors").exists()  # rank 0 alone saves
+    state = tmp_path / "out" / "test.state" / "step-00000002"
+    assert len(torch.load(state / "training.pt", weights_only=True)["rng"]) == 2  # one RNG record per rank
+    shutil.copytree(state, tmp_path / "copy")
+    launch(tmp_path / "resumed", str(tmp_path / "copy"))
+    with safe_open(str(tmp_path / "whole" / "rank0.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "resumed" / "rank1.safetensors"), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
 def test_epoch_saves_and_the_final_file(tmp_path, tiny_sd):

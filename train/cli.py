@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorasmith.train.models import resolve_name
     from lorasmith.train.signals import PREEMPTED_EXIT
     from lorasmith.train.state import SaveError, StateError
+    from lorasmith.train.trainer import plan_run, world
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
@@ -75,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         config.model.pretrained_model, notice = resolve_name(config.model.pretrained_model)
         if notice:
             log(f"note: {notice}")
-        from lorasmith.train.trainer import plan_run, world
-
         dataset, plan = plan_run(config)
         if world()[0] == 0:
             for warning in dataset.warnings:
@@ -98,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train-lora: error: {exc}", file=sys.stderr)
         return 2
     except Preempted as exc:
-        print(f"train-lora: {exc}; continue with: train-lora {args.preset} --resume auto", file=sys.stderr)
+        if world()[0] == 0:  # every process stops; the one that wrote the state says so
+            print(f"train-lora: {exc}; continue with: train-lora {args.preset} --resume auto", file=sys.stderr)
         return PREEMPTED_EXIT
     except (NonFiniteLoss, SaveError) as exc:
         from lorasmith.train.state import latest, state_root

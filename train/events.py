@@ -231,8 +231,9 @@ class RunEvents:
         self.last_sampled = self.history["samples"][-1]["step"] if self.history["samples"] else None
         self.last_validated = self.history["validation"][-1][0] if self.history["validation"] else None
         self.result.timings["state load"] = loaded.seconds + time.perf_counter() - started
-        self.log(f"resumed from {loaded.folder} at step {self.step} (epoch {self.position[0]}, "
-                 f"batch {self.position[1]} of the epoch done)")
+        if self.accelerator.is_main_process:
+            self.log(f"resumed from {loaded.folder} at step {self.step} (epoch {self.position[0]}, "
+                     f"batch {self.position[1]} of the epoch done)")
 
     def preempt(self) -> None:
         name = self.signals.name if self.signals and self.signals.requested else "a signal"

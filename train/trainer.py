@@ -236,7 +236,8 @@ class Trainer(RunEvents):
                    disable=not self.progress or not self.accelerator.is_main_process)
         self.open_log()
         try:
-            with StopSignals(self.log) as self.signals:
+            silent = None if self.accelerator.is_main_process else (lambda message: None)  # one process speaks
+            with StopSignals(silent) as self.signals:
                 if self.step == 0:
                     self.at_start()
                 first_epoch, skip = self.position
