@@ -207,6 +207,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_state(job, tmp_path, 
     assert "stopped: the loss became nan at step 5" in (out / "test.report.html").read_text(encoding="utf-8")
 
 
+def test_disk_full_while_saving_a_lora_names_the_file_and_leaves_no_part(job, tmp_path, monkeypatch, capsys):
+    import errno
+
+    preset, _ = job
+    out = tmp_path / "out"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code = cli.main([str(preset), "--quiet", "--set", f"output.output_dir={out}", "--set", "output.save_state=false",
+                     "--set", "sample.sample_prompts="])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"train-lora: error: the disk holding {out} is full" in err
+    assert "while writing test-000001.safetensors; no earlier state was touched" in err
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".*.part"))
+
+
 CHECK = """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images];

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    config = None
     try:
         config = load_config(args.preset, args.overrides)
         config.model.pretrained_model, notice = resolve_name(config.model.pretrained_model)
@@ -107,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f"The last good state is {kept} (--resume auto continues from it)." if kept else "No state was saved."
         print(f"train-lora: error: {exc} {where if isinstance(exc, NonFiniteLoss) else ''}".rstrip(), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("train-lora: interrupted before training began; nothing to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop, where Ctrl-C is not yet (or no longer) a stop request
+        from lorasmith.train.state import latest, state_root
+
+        kept = latest(state_root(config.output.output_dir, config.output.output_name)) if config else None
+        where = f"the newest complete state is {kept} (--resume auto continues from it)" if kept else "no state to resume"
+        print(f"train-lora: interrupted outside the training loop; {where}", file=sys.stderr)
         return 130
     if world()[0] == 0:
         final = result.outputs[-1] if result.outputs else None

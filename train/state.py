@@ -76,8 +76,10 @@ def storage_error(exc: OSError, path: Path, previous: Path | None) -> SaveError:
         reason = f"the disk holding {path.parent} is full ({free}) while writing {path.name}"
     else:
         reason = f"could not write {path}: {exc.strerror or exc}"
-    return SaveError(exc.errno, f"{reason}; {kept}. Free space or set output.output_dir to another disk, "
-                                "then run again with --resume auto")
+    error = SaveError(f"{reason}; {kept}. Free space or set output.output_dir to another disk, then run again "
+                      "with --resume auto")
+    error.errno = exc.errno
+    return error
 
 
 def is_complete(folder: Path) -> bool:
