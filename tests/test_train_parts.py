@@ -124,7 +124,7 @@ def test_describe_changes_lists_preset_keys_and_pictures():
     assert describe_changes(old_cfg, new_cfg, old_data, new_data) == [
         "preset optimizer.learning_rate: 0.0001 then, 0.0002 now",
         "dataset: 1 picture(s) added: c.png",
-        "dataset: 1 picture(s) changed (picture, caption or repeats): b.png",
+        "dataset: 1 picture(s) changed (picture, caption, repeats or held out): b.png",
     ]
     assert describe_changes(old_cfg, old_cfg, old_data, old_data) == []
 

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print("dry run: no model loaded, nothing written")
             return 0
         from lorasmith.train.events import load_resume
-        from lorasmith.train.trainer import check_resume, run
+        from lorasmith.train.state import check_resume
+        from lorasmith.train.trainer import run
 
         state = load_resume(config, args.resume)
         if args.resume == "auto" and state is None:

@@ -187,11 +187,10 @@ class RunEvents:
         buffer = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                     "rng": rngs, "accelerator_step": self.accelerator.step}, buffer)
-        d = self.dataset
         info = {"epoch": self.position[0], "position": list(self.position), "processes": self.plan.processes,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "config": {**config_fingerprint(self.config), "processes": self.plan.processes},
-                "dataset": dataset_fingerprint([*d.items, *d.reg_items, *d.validation])}
+                "config": config_fingerprint(self.config, self.plan.processes),
+                "dataset": dataset_fingerprint(self.dataset)}
         files = {"adapters.safetensors": save(adapters), "training.pt": buffer.getvalue(),
                  "history.json": json.dumps(self.history).encode()}
         folder = write_state(self.paths.states, self.step, files, info, self.config.output.save_last_n_states)

@@ -189,9 +189,10 @@ def read_state(folder: Path) -> Loaded:
 
 
 # -- what a resumed run must share with the run that wrote the state ------------------------------------
-def config_fingerprint(config) -> dict[str, object]:
-    """The preset flattened to `section.key` → value, without the settings a resume may change."""
-    flat = {}
+def config_fingerprint(config, processes: int) -> dict[str, object]:
+    """The preset flattened to `section.key` → value, without the settings a resume may change, and the
+    number of processes (it decides which batches each one sees)."""
+    flat: dict[str, object] = {"processes": processes}
     for section, values in dataclasses.asdict(config).items():
         if not isinstance(values, dict):
             flat[section] = values
@@ -203,12 +204,12 @@ def config_fingerprint(config) -> dict[str, object]:
     return flat
 
 
-def dataset_fingerprint(items) -> dict[str, str]:
+def dataset_fingerprint(dataset) -> dict[str, str]:
     """Picture path → content hash, caption hash, repeats and role: what the data order and loss depend on."""
-    out = {}
-    for item in items:
+    out, held_out = {}, set(dataset.validation)
+    for item in [*dataset.items, *dataset.reg_items, *dataset.validation]:
         caption = hashlib.sha256(item.caption.encode()).hexdigest()[:12]
-        role = "reg" if item.is_reg else getattr(item, "role", "train")
+        role = "reg" if item.is_reg else "validation" if item in held_out else "train"
         out[str(item.image)] = f"{item.content[:16]} {caption} {item.repeats} {role}"
     return out
 
@@ -222,8 +223,22 @@ def describe_changes(old_config: dict, new_config: dict, old_data: dict, new_dat
     added = sorted(set(new_data) - set(old_data))
     removed = sorted(set(old_data) - set(new_data))
     changed = sorted(k for k in set(old_data) & set(new_data) if old_data[k] != new_data[k])
-    for label, paths in (("added", added), ("removed", removed), ("changed (picture, caption or repeats)", changed)):
+    for label, paths in (("added", added), ("removed", removed), ("changed (picture, caption, repeats or held out)", changed)):
         if paths:
             names = ", ".join(Path(p).name for p in paths[:limit]) + (" ..." if len(paths) > limit else "")
             lines.append(f"dataset: {len(paths)} picture(s) {label}: {names}")
     return lines
+
+
+def check_resume(config, dataset, plan, loaded: Loaded, force: bool, log=print) -> None:
+    """Refuse (StateError) to continue a state written by another preset or dataset, unless `force`."""
+    before = {k: v for k, v in loaded.manifest.get("config", {}).items() if k not in RESUME_SAFE}
+    changes = describe_changes(before, config_fingerprint(config, plan.processes), loaded.manifest.get("dataset", {}),
+                               dataset_fingerprint(dataset))
+    if not changes:
+        return
+    listing = "; ".join(changes)
+    if not force:
+        raise StateError(f"{loaded.folder} was written by a different run: {listing}. Undo the change, start "
+                         "afresh without --resume, or add --force to continue with the new settings")
+    log(f"warning: resuming with --force despite: {listing}")

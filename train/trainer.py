@@ -20,7 +20,7 @@ from lorasmith.train.events import NonFiniteLoss, Preempted, RunEvents
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
 from lorasmith.train.signals import StopSignals
-from lorasmith.train.state import RESUME_SAFE, Loaded, StateError, config_fingerprint, dataset_fingerprint, describe_changes
+from lorasmith.train.state import Loaded
 from lorasmith.train.validation import split_validation
 
 __all__ = ["NonFiniteLoss", "Preempted", "Result", "Trainer", "plan_run", "run", "world"]
@@ -377,21 +377,6 @@ def write_resolved_config(config: Config, plan: Plan) -> Path:
     header = "# resolved train-lora preset; the plan it gave:\n" + "".join(f"# {line}\n" for line in plan.lines())
     write_text_atomic(path, header + to_toml(config))
     return path
-
-
-def check_resume(config: Config, dataset: Dataset, plan: Plan, loaded: Loaded, force: bool, log=print) -> None:
-    """Refuse (StateError) to continue a state written by another preset or dataset, unless `force`."""
-    fingerprint = {**config_fingerprint(config), "processes": plan.processes}
-    before = {k: v for k, v in loaded.manifest.get("config", {}).items() if k in fingerprint or k not in RESUME_SAFE}
-    changes = describe_changes(before, fingerprint, loaded.manifest.get("dataset", {}),
-                               dataset_fingerprint([*dataset.items, *dataset.reg_items, *dataset.validation]))
-    if not changes:
-        return
-    listing = "; ".join(changes)
-    if not force:
-        raise StateError(f"{loaded.folder} was written by a different run: {listing}. Undo the change, start "
-                         "afresh without --resume, or add --force to continue with the new settings")
-    log(f"warning: resuming with --force despite: {listing}")
 
 
 def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset, Plan] | None = None,
