@@ -63,3 +63,5 @@ def test_plan_saves_and_lines():
     assert "saves after epochs: 2, 4" in text
     assert plan.epochs == 6 and plan.image_views == 40
 
+    plan.held_out = 1
+    assert plan.lines()[0] == "images: 4; 1 more held out for the validation loss; 40 image views per epoch"

@@ -57,10 +57,13 @@ class Plan:
     total_steps: int
     warmup: int
     save_epochs: list[int] = field(default_factory=list)
+    held_out: int = 0
+    """Pictures kept out of training for the validation loss (not counted in `images`)."""
 
     def lines(self) -> list[str]:
         buckets = ", ".join(f"{w}×{h}: {n}" for (w, h), n in sorted(self.buckets.items()))
         reg = f" + {self.reg_images} regularisation images (batches doubled)" if self.reg_images else ""
+        reg += f"; {self.held_out} more held out for the validation loss" if self.held_out else ""
         per_process = f" over {self.processes} processes" if self.processes > 1 else ""
         saves = ", ".join(map(str, self.save_epochs)) if self.save_epochs else "the end only"
         return [

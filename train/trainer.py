@@ -62,6 +62,7 @@ def plan_run(config: Config) -> tuple[Dataset, Plan]:
                      len(dataset.reg_items), t.train_batch_size, t.gradient_accumulation_steps, world()[1],
                      t.max_train_epochs, t.max_train_steps, config.schedule.lr_warmup_steps,
                      config.output.save_every_n_epochs)
+    plan.held_out = len(dataset.validation)
     return dataset, plan
 
 
