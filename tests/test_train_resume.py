@@ -94,6 +94,16 @@ def test_reference_run_writes_logs_samples_states_and_report(job):
                                                                  "test.safetensors"]
 
 
+def test_samples_and_states_do_not_change_the_weights(job, tmp_path):
+    """Sampling and state saves draw no random numbers from training: without them, the same LoRA."""
+    preset, reference = job
+    out = tmp_path / "out"
+    code, err = finish(train(preset, out, "--set", "sample.sample_prompts=", "--set", "output.save_state=false"))
+    assert code == 0, err[-3000:]
+    assert not (out / "test.samples").exists() and not (out / "test.state").exists()
+    same_lora(out / "test.safetensors", reference / "test.safetensors")
+
+
 def test_tensorboard_holds_the_same_losses_as_the_csv(job):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class RunEvents:
         self.prompts = []
         if self.config.sample.sample_prompts:
             self.prompts, warnings = read_prompts(Path(self.config.sample.sample_prompts))
-            for warning in warnings:
+            for warning in warnings if os.environ.get("RANK", "0") == "0" else ():  # once, not per process
                 self.log(f"warning: {warning} (skipped)")
 
     def prompt_texts(self) -> set[str]:

@@ -95,10 +95,13 @@ def curve_svg(loss: list[list], validation: list[list], total_steps: int, band=B
         ends[epoch] = step
     for epoch, step in sorted(ends.items()):
         parts.append(f'<line x1="{x(step):.1f}" x2="{x(step):.1f}" y1="{top}" y2="{height - bottom}" '
-                     f'stroke="#bbb" stroke-dasharray="3 3"/><text x="{x(step):.1f}" y="{height - bottom + 14}" '
-                     f'text-anchor="middle" font-size="10">e{epoch}</text>')
+                     f'stroke="#bbb" stroke-dasharray="3 3"/><text x="{x(step) - 3:.1f}" y="{top + 10}" '
+                     f'text-anchor="end" font-size="10" fill="#777">e{epoch}</text>')
+    for tick in _ticks(0, xmax, 8):
+        parts.append(f'<text x="{x(tick):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
+                     f'{tick:g}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
-                 f'optimizer step (of {total_steps}); dashed lines end epochs</text>')
+                 f'optimizer step (of {total_steps}); dashed lines end epochs (e1, e2, …)</text>')
     if loss:
         stride = max(1, math.ceil(len(loss) / MAX_POINTS))
         raw = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in list(zip(steps, values))[::stride] if math.isfinite(v))
