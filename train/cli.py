@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def newest_state(config):
+    """The state --resume auto would take now, for messages after a failure."""
+    from lorasmith.train.state import latest, state_root
+
+    return latest(state_root(config.output.output_dir, config.output.output_name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -103,16 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train-lora: {exc}; continue with: train-lora {args.preset} --resume auto", file=sys.stderr)
         return PREEMPTED_EXIT
     except (NonFiniteLoss, SaveError) as exc:
-        from lorasmith.train.state import latest, state_root
-
-        kept = latest(state_root(config.output.output_dir, config.output.output_name))
+        kept = newest_state(config)
         where = f"The last good state is {kept} (--resume auto continues from it)." if kept else "No state was saved."
         print(f"train-lora: error: {exc} {where if isinstance(exc, NonFiniteLoss) else ''}".rstrip(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop, where Ctrl-C is not yet (or no longer) a stop request
-        from lorasmith.train.state import latest, state_root
-
-        kept = latest(state_root(config.output.output_dir, config.output.output_name)) if config else None
+        kept = newest_state(config) if config else None
         where = f"the newest complete state is {kept} (--resume auto continues from it)" if kept else "no state to resume"
         print(f"train-lora: interrupted outside the training loop; {where}", file=sys.stderr)
         return 130

@@ -70,6 +70,7 @@ class RunEvents:
         self.result.events = self.times
         self.last_sampled = self.last_validated = None
         self.signals = None
+        self.grid_uris: dict[Path, str] = {}
         self.prompts = []
         if self.config.sample.sample_prompts:
             self.prompts, warnings = read_prompts(Path(self.config.sample.sample_prompts))
@@ -242,9 +243,6 @@ class RunEvents:
                           f"continue with: train-lora <preset> --resume auto")
         raise Preempted(name, self.step, folder)
 
-    def stopped(self, status: str) -> None:
-        self.write_report(status)
-
     # -- validation and samples -------------------------------------------------------------------------
     def validate(self, epoch: int) -> float | None:
         """Mean loss over the held-out pictures at fixed timesteps with fixed noise (see validation.py)."""
@@ -322,7 +320,6 @@ class RunEvents:
             grid.save(handle, "PNG")
         self.history["samples"].append({"step": self.step, "epoch": epoch, "grid": grid_path.name,
                                         "images": [p.name for p in paths]})
-        self.result.samples += paths
         self._timed("sampling", started)
         return paths
 
@@ -354,8 +351,10 @@ class RunEvents:
         grids = []
         for event in self.history["samples"]:
             path = self.paths.samples / event["grid"]
-            if path.is_file():
-                grids.append((f"epoch {event['epoch']} · step {event['step']}", event["epoch"], image_uri(path)))
+            if path not in self.grid_uris and path.is_file():  # encoded once, not at every refresh
+                self.grid_uris[path] = image_uri(path)
+            if path in self.grid_uris:
+                grids.append((f"epoch {event['epoch']} · step {event['step']}", event["epoch"], self.grid_uris[path]))
         outputs = [(p.name, p.stat().st_size) for p in sorted(out.glob(f"{name}*.safetensors"))]
         for folder in sorted(self.paths.states.glob("step-*")) if self.paths.states.is_dir() else ():
             outputs.append((f"{self.paths.states.name}/{folder.name} (state)",

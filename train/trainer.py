@@ -16,14 +16,12 @@ from pathlib import Path
 from lorasmith.prep.files import write_text_atomic
 from lorasmith.train.config import Config, to_toml
 from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
-from lorasmith.train.events import NonFiniteLoss, Preempted, RunEvents
+from lorasmith.train.events import NonFiniteLoss, RunEvents
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
 from lorasmith.train.signals import StopSignals
 from lorasmith.train.state import Loaded
 from lorasmith.train.validation import split_validation
-
-__all__ = ["NonFiniteLoss", "Preempted", "Result", "Trainer", "plan_run", "run", "world"]
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float": "float32"}
 LOSS_WINDOW = 25
@@ -40,7 +38,6 @@ class Result:
     validation: list[float] = field(default_factory=list)
     report: Path | None = None
     states: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
     events: dict[str, list[float]] = field(default_factory=dict)
     """Seconds spent on each state save, sampling event, validation and report refresh."""
 
@@ -171,13 +168,14 @@ class Trainer(RunEvents):
                 out.extend(encode_prompts(self.text_encoder, ids, self.config.training.clip_skip))
         return out
 
-    def embed(self, captions: list[str]):
-        """Embeddings without gradients, from the cache when the text encoder is frozen and cached."""
+    def embed(self, captions: list[str], grad: bool = False):
+        """Embeddings from the cache when the text encoder is frozen and cached; else from the encoder, with
+        gradients for a training step (`grad`) or without for samples and validation."""
         import torch
 
         if self.text_cache is not None:
             return torch.stack([self.text_cache[c] for c in captions]).to(self.device, self.weight_dtype)
-        return torch.stack(self._encode(captions, batch=16))
+        return torch.stack(self._encode(captions, batch=None if grad else 16))
 
     # -- network ----------------------------------------------------------------------------------------
     def setup_network(self) -> None:
@@ -268,12 +266,11 @@ class Trainer(RunEvents):
                         break
                 self.at_end()
         except NonFiniteLoss as exc:
-            self.stopped(f"stopped: {exc.short} (nothing from that step was saved)")
+            self.write_report(f"stopped: {exc.short} (nothing from that step was saved)")
             raise
         finally:
             bar.close()
             self.close_log()
-        self.steps_done = self.step
         self.result.unet = self.accelerator.unwrap_model(self.unet)
         self.result.text_encoder = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
         return self.result
@@ -303,10 +300,7 @@ class Trainer(RunEvents):
         latents = self._latents(batch, flips)
         captions = [process_caption(i.caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, self.rng)
                     for i in batch]
-        if self.text_cache is not None:
-            context = torch.stack([self.text_cache[c] for c in captions]).to(self.device, self.weight_dtype)
-        else:
-            context = torch.stack(self._encode(captions))
+        context = self.embed(captions, grad=True)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
         if self.config.training.noise_offset:
             noise += self.config.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1),
