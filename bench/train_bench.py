@@ -152,7 +152,7 @@ def child_run(preset: str, resume: str) -> None:
     import json
 
     from lorasmith.train.config import load_config
-    from lorasmith.train.events import load_resume
+    from lorasmith.train.state import load_resume
     from lorasmith.train.trainer import run
 
     config = load_config(Path(preset))

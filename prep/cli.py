@@ -22,8 +22,14 @@ repeats:
   another widely copied table starts much lower, anime/illustration 7-15, portraits 20-30,
   objects 30-100, and relies on more epochs instead. Set --repeats N to follow it.
 
+One run at a time per DST: a second one is refused with the first one's pid. A run that is stopped
+(Ctrl-C, SIGTERM, kill -9, a full disk) keeps every picture it finished; run the same command again and
+only the rest is done. Files that are not pictures (named pipes, sockets, devices) are skipped by type.
+
 exit codes: 0 every picture written or deliberately skipped, 1 some picture failed (or was skipped
-under --strict), 2 usage error (bad SRC/DST/NAME, SRC without pictures). prep_report.json in --out lists every input with its reason.
+under --strict) or the disk filled up, 2 usage error (bad SRC/DST/NAME or option, SRC without pictures,
+DST not writable or in use), 130/143 stopped by Ctrl-C/SIGTERM. prep_report.json in --out lists every
+input with its reason.
 """
 
 
@@ -50,6 +56,21 @@ def _repeats(text: str) -> int | None:
     return value
 
 
+def at_least(low: int):
+    """An argparse type: a whole number of at least `low` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _colour(text: str) -> tuple[int, int, int]:
     try:
         return ImageColor.getrgb(text)[:3]
@@ -72,17 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concept or trigger tokens for the folder name, e.g. 'claymation style'")
     parser.add_argument("--repeats", type=_repeats, default=None, metavar="auto|N",
                         help="repeats per picture per epoch, see below (default: auto)")
-    parser.add_argument("--min-side", type=int, default=512, help="smallest output side (multiple of 64 at or above)")
-    parser.add_argument("--max-side", type=int, default=768,
+    parser.add_argument("--min-side", type=at_least(64), default=512,
+                        help="smallest output side (multiple of 64 at or above)")
+    parser.add_argument("--max-side", type=at_least(64), default=768,
                         help="largest output side; 512 for 8 GB GPUs, 768 where VRAM allows")
     parser.add_argument("--crop", choices=CROP_MODES, default="center", help=CROP_HELP)
     parser.add_argument("--background", type=_colour, default="white",
                         help="colour laid under transparent pixels (name or #rrggbb)")
     parser.add_argument("--no-upscale", dest="upscale", action="store_false",
                         help="skip pictures whose shorter side is below --min-side instead of upscaling them")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                         help="refuse pictures with more pixels than this (decompression-bomb guard)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1,
                         help="parallel processes (default: all cores, here %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (sizes, repeats) and write nothing")
     parser.add_argument("--strict", action="store_true", help="count skipped pictures as failures (exit 1)")
@@ -90,12 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def printable_output() -> None:
+    """Names that are not UTF-8 print as escapes instead of ending the run with an encoding error."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def guarded(prog: str, kept: str, usage_errors: tuple, work):
+    """(exit code, None) after one stderr line for the ways a file-by-file job ends early, or (None, what
+    `work()` returned): usage errors 2, a full or unwritable disk 1, Ctrl-C/SIGTERM 128 + the signal."""
+    from lorasmith.prep.files import StorageError
+    from lorasmith.prep.lock import Busy
+    from lorasmith.prep.stop import Stopped, stop_on_signals
+
+    stop_on_signals()
+    try:
+        return None, work()
+    except (*usage_errors, Busy, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2, None
+    except StorageError as exc:
+        print(f"{prog}: error: {exc}; {kept}: make room and run it again", file=sys.stderr)
+        return 1, None
+    except Stopped as stop:
+        print(f"{prog}: stopped by {stop.name}; {kept}: run it again to do the rest", file=sys.stderr)
+        return stop.exit_code, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    printable_output()
     from lorasmith.prep.pipeline import UsageError, prepare_folder, validate_paths
 
-    try:
+    def work():
         name = validate_name(args.name)
         options = PrepOptions(args.min_side, args.max_side, args.crop, tuple(args.background), args.upscale,
                               args.max_pixels)
@@ -107,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             from lorasmith.prep.plan import plan_lines
 
             print("\n".join(plan_lines(args.src, args.dst, name, options, args.repeats)))
-            return 0
-        result = prepare_folder(args.src, args.dst, name, options, args.repeats, max(1, args.workers),
-                                progress=not args.quiet)
-    except (UsageError, ValueError) as exc:
-        print(f"prep-images: error: {exc}", file=sys.stderr)
-        return 2
-    return _summarise(result, args.strict)
+            return None
+        return prepare_folder(args.src, args.dst, name, options, args.repeats, args.workers,
+                              progress=not args.quiet)
+
+    code, result = guarded("prep-images", "the pictures finished so far are kept", (UsageError,), work)
+    if code is not None:
+        return code
+    return 0 if result is None else _summarise(result, args.strict)
 
 
 def _summarise(result, strict: bool) -> int:
@@ -125,6 +177,8 @@ def _summarise(result, strict: bool) -> int:
             print(f"error: {entry.source}: {entry.reason}", file=sys.stderr)
         elif entry.status == "skipped":
             print(f"skipped: {entry.source}: {entry.reason}", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
     counts = report.counts()

@@ -9,6 +9,7 @@ training read images through it too, so all stages see the same pixels.
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +63,10 @@ def open_picture(
     an 8000×6000 photo to a few tens of megabytes.
     """
     try:
-        if path.stat().st_size == 0:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a named pipe would block the open forever
+            raise PictureError("not a regular file (a folder, pipe, socket or device); not opened")
+        if info.st_size == 0:
             raise PictureError("empty file (0 bytes)")
         with open(path, "rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -78,10 +82,20 @@ def open_picture(
         raise PictureError("cannot read the file: permission denied") from None
     except FileNotFoundError:
         raise PictureError("cannot read the file: it does not exist (a broken link?)") from None
-    except IsADirectoryError:
-        raise PictureError("cannot read: it is a folder, not a file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise PictureError(f"truncated or corrupt image data ({exc})") from None
+
+
+def picture_problem(path: Path) -> str | None:
+    """Why `path` is not a usable picture (empty, not a picture, truncated, unreadable), or None if it opens.
+
+    The pixels are decoded (that is what finds a truncated file), JPEGs at a small scale to stay cheap.
+    """
+    try:
+        open_picture(path, draft_for=lambda width, height: (min(width, 64), min(height, 64)))
+    except PictureError as exc:
+        return str(exc)
+    return None
 
 
 def _decode(

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from lorasmith.prep.crop import choose_box, render
+from lorasmith.prep.files import is_disk_full
 from lorasmith.prep.loading import DEFAULT_MAX_PIXELS, WHITE, PictureError, open_picture
 from lorasmith.prep.sizing import choose_size, draft_request, is_small
 
@@ -73,10 +74,15 @@ def prepare_picture(source: Path, temp_output: Path, options: PrepOptions, outco
         outcome.status, outcome.reason = "failed", str(exc)
     except MemoryError:
         outcome.status, outcome.reason = "failed", "out of memory while decoding (try --workers 1)"
+    except OSError as exc:
+        if is_disk_full(exc) or exc.filename == str(temp_output):
+            raise  # the destination's fault, not the picture's: the whole run must stop
+        outcome.status, outcome.reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
     except Exception as exc:  # a picture Pillow chokes on in an unforeseen way must not end the batch
         outcome.status, outcome.reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
-    if temp_output.exists():
-        temp_output.unlink()
+    finally:
+        if outcome.status != "written":
+            temp_output.unlink(missing_ok=True)
     return outcome
 
 

@@ -5,22 +5,21 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from lorasmith.prep.captions import sync_captions
-from lorasmith.prep.files import sha256_file
-from lorasmith.prep.layout import RepeatFolder, output_stems, repeat_folder_name, repeat_folders, scan_sources
+from lorasmith.prep.captions import orphan_captions, sync_captions
+from lorasmith.prep.files import StorageError, clear_stale_parts, is_disk_full, sha256_file, storage_message
+from lorasmith.prep.layout import (RepeatFolder, display, output_stems, repeat_folder_name, repeat_folders,
+                                   scan_sources)
+from lorasmith.prep.lock import RunLock
 from lorasmith.prep.picture import Outcome, PrepOptions, prepare_picture
-from lorasmith.prep.report import Report, load_report, save_report
+from lorasmith.prep.report import Journal, Report, load_report, save_report
 from lorasmith.prep.sizing import auto_repeats
-
-REPORT_EVERY_S = 10.0
-"""How often the report is saved mid-run, so an interrupted run still knows what it finished."""
+from lorasmith.prep.stop import worker_signals
 
 
 class UsageError(Exception):
@@ -35,6 +34,8 @@ class FolderResult:
     reused: int = 0
     fresh: set[str] = field(default_factory=set)
     messages: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Problems beside the pictures themselves (captions that could not travel, say), each naming its file."""
 
 
 def validate_paths(src: Path, dst: Path) -> None:
@@ -90,8 +91,22 @@ def _results(jobs: list, workers: int) -> Iterator[Outcome]:
         yield from map(_work, jobs)
         return
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with context.Pool(min(workers, len(jobs))) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=worker_signals) as pool:
         yield from pool.imap(_work, jobs, chunksize=1)
+
+
+def _open_destination(dst: Path) -> RunLock:
+    """Create DST and take its lock; a folder that cannot be written is a usage error, said once."""
+    lock = RunLock(dst, "prep-images")
+    try:
+        lock.acquire()
+    except PermissionError as exc:
+        raise UsageError(f"cannot write into --out {dst}: {exc.strerror}; choose a folder you can write to") from None
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise StorageError(storage_message(exc, lock.path)) from None
+        raise UsageError(f"cannot write into --out {dst}: {exc.strerror or exc}") from None
+    return lock
 
 
 def prepare_folder(
@@ -106,61 +121,93 @@ def prepare_folder(
     """Prepare every picture below `src` into `dst/<repeats>_<name>/` and write `dst/prep_report.json`.
 
     `repeats=None` means Kohya's guidance for however many pictures end up written. Pictures that an
-    earlier run already prepared with the same options are not touched again.
+    earlier run already prepared with the same options are not touched again. One run at a time per
+    `dst` (a second one gets Busy); a full disk ends the run with StorageError, every finished picture kept.
     """
     validate_paths(src, dst)
-    sources = scan_sources(src, exclude=[dst])
-    if not sources:
+    scan = scan_sources(src, exclude=[dst])
+    if not (scan.files or scan.special or scan.unlistable):
         raise UsageError(f"SRC {src} holds no files to prepare (hidden files and captions are not pictures)")
+    lock = _open_destination(dst)
+    try:
+        return _prepare(src, dst, name, options, repeats, workers, progress, scan)
+    finally:
+        lock.release()
+
+
+def _prepare(src, dst, name, options, repeats, workers, progress, scan) -> FolderResult:
+    sources = scan.files
     existing = find_concept_folder(dst, name)
     folder = existing.path if existing else dst / repeat_folder_name(repeats or auto_repeats(len(sources)), name)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*folder.glob(".*.part"), *dst.glob(".*.part")]:
-        stale.unlink()
+    for place in (dst, folder):
+        clear_stale_parts(place)
 
     previous = load_report(dst)
     same_setup = bool(previous and previous.options == options.fingerprint() and previous.src == str(src.resolve()))
     prev_by_source = {e.source: e for e in previous.entries} if previous else {}
     report = Report(str(src.resolve()), None, name, None, options.fingerprint())
-    stems = output_stems(sources, src)
+    earlier = {src / e.source: Path(e.output).stem for e in prev_by_source.values() if e.output}
+    gone = [stem for path, stem in earlier.items() if not path.exists() and (folder / f"{stem}.png").is_file()]
+    stems = output_stems(sources, src, earlier, reserved=gone)
 
     plan, jobs = _schedule(sources, src, folder, stems, prev_by_source, same_setup, options)
     result = FolderResult(report, folder, dst / "prep_report.json")
+    journal = Journal(dst, report.src, name, report.options)
+    complete = False
+    try:
+        _run_jobs(sources, src, plan, jobs, workers, progress, folder, stems, journal, result)
+        for status, found in (("skipped", scan.special), ("failed", scan.unlistable)):
+            for path, reason in found:
+                outcome = Outcome(_rel(path, src), status, reason)
+                report.entries.append(outcome)
+                journal.add(outcome)
+        _retire_old_outputs(previous, report, folder, src, result)
+        folder = _rename_for_repeats(dst, folder, name, repeats, report)
+        result.folder = folder
+        result.warnings += [f"{display(folder / c)}: {why}" for c, why in orphan_captions(folder)]
+        result.report_path = save_report(dst, report)
+        complete = True
+    except OSError as exc:
+        if is_disk_full(exc) or isinstance(exc, PermissionError):
+            raise StorageError(storage_message(exc, Path(exc.filename or folder / "?"))) from None
+        raise
+    finally:
+        for job in jobs:  # temporary outputs of workers stopped mid-picture
+            job[1].unlink(missing_ok=True)
+        journal.close(delete=complete)
+    return result
+
+
+def _run_jobs(sources, src, plan, jobs, workers, progress, folder, stems, journal, result) -> None:
+    """Settle every source in order: reuse what still holds, take the workers' results for the rest."""
     kept: dict[str, str] = {}
     fresh = _results(jobs, workers)
     job_iter = iter(jobs)
-    last_save = time.monotonic()
     bar = tqdm(total=len(sources), desc="prep-images", unit="img", disable=not progress, file=sys.stderr)
-    for source, planned in zip(sources, plan):
-        if planned is not None:
-            outcome, temp = planned, None
-        else:
-            outcome, temp = next(fresh), next(job_iter)[1]
-            result.fresh.add(outcome.source)
-        _settle(outcome, temp, folder, stems[source], kept)
-        result.reused += planned is not None and outcome.status == "written"
-        if outcome.status == "written":
-            outcome.captions = sync_captions(source, folder / outcome.output, outcome.captions)
-        report.entries.append(outcome)
-        bar.update(1)
-        if time.monotonic() - last_save > REPORT_EVERY_S:
-            save_report(dst, report)
-            last_save = time.monotonic()
-    bar.close()
-
-    _retire_old_outputs(previous, report, folder, src, result)
-    written = report.counts()["written"]
-    final_repeats = repeats or auto_repeats(written)
-    final = dst / repeat_folder_name(final_repeats, name)
-    if final != folder:
-        if final.exists():
-            raise UsageError(f"cannot rename {folder.name} to {final.name}: {final} already exists")
-        folder.rename(final)
-        folder = final
-    report.folder, report.repeats = folder.name, final_repeats
-    result.folder = folder
-    result.report_path = save_report(dst, report)
-    return result
+    try:
+        for source, planned in zip(sources, plan):
+            if planned is not None:
+                outcome, temp = planned, None
+            else:
+                temp = next(job_iter)[1]
+                try:
+                    outcome = next(fresh)
+                except OSError as exc:  # a worker's write failed for a reason of the disk
+                    exc.filename = exc.filename or str(folder / f"{stems[source]}.png")
+                    raise
+                result.fresh.add(outcome.source)
+            _settle(outcome, temp, folder, stems[source], kept)
+            result.reused += planned is not None and outcome.status == "written"
+            if outcome.status == "written":
+                outcome.captions, problems = sync_captions(source, folder / outcome.output, outcome.captions)
+                result.warnings += [f"{display(_rel(source, src))}: {p}" for p in problems]
+            result.report.entries.append(outcome)
+            journal.add(outcome)
+            bar.update(1)
+    finally:
+        bar.close()
+        fresh.close()
 
 
 def _schedule(sources: list[Path], src: Path, folder: Path, stems: dict[Path, str], previous: dict[str, Outcome],
@@ -182,7 +229,7 @@ def _schedule(sources: list[Path], src: Path, folder: Path, stems: dict[Path, st
             outcome.sha256 = sha256_file(source)
         except OSError:
             pass  # the worker reports why it cannot be read
-        jobs.append((source, folder / f".{stems[source]}.png.part", options, outcome))
+        jobs.append((source, folder / f".{stems[source]}.png.{os.getpid()}.w.part", options, outcome))
         plan.append(None)
     return plan, jobs
 
@@ -208,23 +255,43 @@ def _settle(outcome: Outcome, temp: Path | None, folder: Path, stem: str, kept: 
 def _retire_old_outputs(
     previous: Report | None, report: Report, folder: Path, src: Path, result: FolderResult
 ) -> None:
-    """Remove outputs of ours that no entry claims any more (renamed after a new name clash, or now a duplicate).
+    """Remove outputs of ours that no entry claims any more because their picture is now deliberately left
+    out (an exact duplicate, a skip).
 
-    Outputs whose source has vanished stay: they may be the only copy of the user's picture left.
+    Outputs stay when their source has vanished or fails to read now: they may be the only good copy of
+    the user's picture left.
     """
     if previous is None:
         return
     claimed = {e.output for e in report.entries if e.output}
-    current = {e.source for e in report.entries}
-    orphans = 0
+    now = {e.source: e for e in report.entries}
+    orphans = kept_failed = 0
     for entry in previous.entries:
-        if not entry.output or entry.output in claimed:
+        if not entry.output or entry.output in claimed or not (folder / entry.output).is_file():
             continue
-        if entry.source in current:
-            (folder / entry.output).unlink(missing_ok=True)
-        elif (folder / entry.output).is_file():
+        current = now.get(entry.source)
+        if current is None:
             orphans += 1
+        elif current.status == "failed":
+            kept_failed += 1
+        else:
+            (folder / entry.output).unlink()
     if orphans:
         result.messages.append(
             f"{orphans} output(s) in {folder.name} have no source in {src} any more; they were left in place"
         )
+    if kept_failed:
+        result.messages.append(f"{kept_failed} output(s) in {folder.name} were kept from an earlier run although "
+                               "their source cannot be read now (see the errors above)")
+
+
+def _rename_for_repeats(dst: Path, folder: Path, name: str, repeats: int | None, report: Report) -> Path:
+    """The concept folder renamed to the final repeat count (auto repeats follow the pictures written)."""
+    final_repeats = repeats or auto_repeats(report.counts()["written"])
+    final = dst / repeat_folder_name(final_repeats, name)
+    if final != folder:
+        if final.exists():
+            raise UsageError(f"cannot rename {folder.name} to {final.name}: {final} already exists")
+        folder.rename(final)
+    report.folder, report.repeats = final.name, final_repeats
+    return final

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from lorasmith.prep.layout import output_stems, repeat_folder_name, scan_sources
+from lorasmith.prep.layout import display, output_stems, repeat_folder_name, scan_sources
 from lorasmith.prep.picture import PrepOptions
 from lorasmith.prep.sizing import auto_repeats, choose_size, is_small
 
@@ -23,11 +23,14 @@ def header_size(path: Path) -> tuple[int, int]:
 
 
 def plan_lines(src: Path, dst: Path, name: str, options: PrepOptions, repeats: int | None) -> list[str]:
-    sources = scan_sources(src, exclude=[dst])
+    scan = scan_sources(src, exclude=[dst])
+    sources = scan.files
     stems = output_stems(sources, src)
     lines, usable = [], 0
+    for path, reason in scan.special + scan.unlistable:
+        lines.append(f"  {display(path.relative_to(src))}: {reason} — would be reported")
     for source in sources:
-        rel = source.relative_to(src).as_posix()
+        rel = display(source.relative_to(src).as_posix())
         try:
             width, height = header_size(source)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -45,9 +48,9 @@ def plan_lines(src: Path, dst: Path, name: str, options: PrepOptions, repeats: i
     count = repeats or auto_repeats(usable)
     how = "as given" if repeats else f"auto: max(100, ceil(1500 / {usable}))"
     head = [
-        f"plan for {len(sources)} file(s) in {src}:",
+        f"plan for {len(sources)} file(s) in {display(src)}:",
         *lines,
-        f"repeats: {count} ({how}) → {dst / repeat_folder_name(count, name)}",
+        f"repeats: {count} ({how}) → {display(dst / repeat_folder_name(count, name))}",
         f"{usable} picture(s) × {count} repeats = {usable * count} image views per epoch",
         "dry run: nothing was written (duplicates and corrupt pixel data are only found by a real run)",
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lorasmith.train.config import load_config
-from lorasmith.train.events import load_resume
+from lorasmith.train.state import load_resume
 from lorasmith.train.export import kohya_state_dict
 from lorasmith.train.trainer import run, world
 

@@ -77,5 +77,5 @@ def test_scan_sources_skips_sidecars_hidden_and_the_output_tree(tmp_path):
                 "out/10_x/a.png", ".git/obj.png"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    found = [p.relative_to(tmp_path).as_posix() for p in scan_sources(tmp_path, exclude=[tmp_path / "out"])]
+    found = [p.relative_to(tmp_path).as_posix() for p in scan_sources(tmp_path, exclude=[tmp_path / "out"]).files]
     assert found == ["a.png", "x.dat", "sub/c.JPG"]

@@ -49,7 +49,11 @@ def test_sd15_presets_follow_the_usual_advice(tmp_path):
         ("[optimizer]\noptimizer_type = 'SGD'\n", "optimizer.optimizer_type = 'SGD' is not one of 'AdamW8bit'"),
         ("resolution = 500\n", "dataset.resolution must be a multiple of 64"),
         ("[trainer]\nx = 1\n", "unknown key trainer; did you mean 'training'?"),
-        ("[training]\nclip_skip = 0\n", "training.clip_skip counts from 1"),
+        ("[training]\nclip_skip = 0\n", "training.clip_skip = 0 is out of range: it must be [1, 48] (Kohya's"),
+        ("[optimizer]\nunet_lr = -1\n", "optimizer.unet_lr = -1.0 is out of range: it must be ≥ 0"),
+        ("[network]\nnetwork_dropout = 1\n", "network.network_dropout = 1.0 is out of range: it must be [0, 1)"),
+        ("[training]\nmax_train_steps = 1e4\nmax_train_epochs = 2.5\n", "max_train_epochs = 2.5 must be int"),
+        ("[optimizer]\nlearning_rate = nan\n", "optimizer.learning_rate = nan must be a finite number"),
         ("[dataset\n", "not valid TOML"),
     ],
 )
@@ -73,7 +77,7 @@ def test_overrides_are_typed_from_the_schema(tmp_path):
                            "output.output_name=x y", "model.pretrained_model=owner/model"])
     assert (c.optimizer.learning_rate, c.training.clip_skip, c.dataset.flip_aug) == (2e-4, 2, True)
     assert c.output.output_name == "x y" and c.model.pretrained_model == "owner/model"
-    for bad, message in [("training.clip_skip=two", "invalid literal"), ("lr=1", "section.key=value"),
+    for bad, message in [("training.clip_skip=two", "expected a whole number, got 'two'"), ("lr=1", "section.key=value"),
                          ("optim.lr=1", "unknown section 'optim'"), ("dataset.flip_aug=maybe", "true or false")]:
         with pytest.raises(ConfigError, match=message):
             load_config(path, [bad])

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -54,59 +55,86 @@ def test_prompt_file_skips_comments_and_blank_lines_and_names_the_line():
 
 
 # -- states --------------------------------------------------------------------------------------------
-def _files(tag: str) -> dict[str, bytes]:
+def _files(tag: str, steps: int) -> dict[str, bytes]:
+    """A state's files after `steps` steps (its history holds one loss a step)."""
     from safetensors.torch import save
     import io
     import torch
 
     buffer = io.BytesIO()
     torch.save({"optimizer": {"lr": 1.0}, "rng": [(1, 2)], "tag": tag}, buffer)
+    loss = [[n, 1, 0.5, 1e-4] for n in range(1, steps + 1)]
     return {"adapters.safetensors": save({"w": torch.ones(2)}), "training.pt": buffer.getvalue(),
-            "history.json": json.dumps({"loss": [[1, 1, 0.5, 1e-4]], "tag": tag}).encode()}
+            "history.json": json.dumps({"loss": loss, "tag": tag}).encode()}
 
 
 def test_states_are_complete_newest_first_and_pruned(tmp_path):
     root = tmp_path / "run.state"
     for step in (2, 4, 6):
-        write_state(root, step, _files(str(step)), {"position": [1, step]}, keep=2)
-    assert [(s, ok) for s, _, ok in states(root)] == [(4, True), (6, True)]  # step 2 pruned
-    assert latest(root).name == "step-00000006"
+        write_state(root, step, _files(str(step), step), {"position": [1, step]}, keep=2, run="aaaa")
+    assert [(f.step, f.complete, f.run) for f in states(root)] == [(4, True, "aaaa"), (6, True, "aaaa")]
+    assert latest(root).name == "step-00000006-aaaa"
     loaded = read_state(latest(root))
     assert loaded.manifest["position"] == [1, 6] and loaded.history["tag"] == "6"
     assert not list(root.glob(".*"))  # no temporary folder left
 
 
+def test_pruning_never_touches_another_run_and_the_newest_written_wins(tmp_path):
+    root = tmp_path / "run.state"
+    for step in (30, 40):
+        write_state(root, step, _files(str(step), step), {"position": [1, step]}, keep=2, run="01d0")
+    for step in (1, 2, 3):  # a fresh run: its steps sort below the old run's, yet it is the newest
+        write_state(root, step, _files(str(step), step), {"position": [1, step]}, keep=2, run="11ee")
+    assert sorted((f.run, f.step) for f in states(root)) == [("01d0", 30), ("01d0", 40), ("11ee", 2), ("11ee", 3)]
+    assert latest(root).name == "step-00000003-11ee" and latest(root, "01d0").name == "step-00000040-01d0"
+
+
 def test_a_torn_state_is_ignored_and_a_damaged_one_refused(tmp_path):
     root = tmp_path / "run.state"
-    write_state(root, 3, _files("3"), {}, keep=5)
-    newest = write_state(root, 5, _files("5"), {}, keep=5)
+    write_state(root, 1, _files("3", 1), {"position": [1, 1]}, keep=5, run="ab")
+    newest = write_state(root, 2, _files("5", 2), {"position": [1, 2]}, keep=5, run="ab")
     (newest / "manifest.json").unlink()  # killed before the manifest was written
-    assert not is_complete(newest) and latest(root).name == "step-00000003"
+    assert not is_complete(newest) and latest(root).name == "step-00000001-ab"
     with pytest.raises(StateError, match="not a complete training state"):
         read_state(newest)
-    short = root / "step-00000003" / "training.pt"
+    short = root / "step-00000001-ab" / "training.pt"
     data = short.read_bytes()
     short.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
     with pytest.raises(StateError, match="damaged"):
-        read_state(root / "step-00000003")
+        read_state(root / "step-00000001-ab")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"step": 2}, "says step 2, but its folder name says 1 and its data position (epoch 1, batch 1) means step 1"),
+    ({"position": [2, 1], "per_process": 3}, "means step 4"),
+    ({"position": "end"}, "damaged or was edited by hand"),
+])
+def test_a_hand_edited_manifest_is_refused(tmp_path, edit, message):
+    root = tmp_path / "run.state"
+    folder = write_state(root, 1, _files("1", 1), {"position": [1, 1], "per_process": 3, "accumulation": 1}, keep=2,
+                         run="ab")
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **edit}), encoding="utf-8")
+    with pytest.raises(StateError, match=re.escape(message)):
+        read_state(folder)
 
 
 def test_disk_full_keeps_the_previous_state_and_names_the_path(tmp_path, monkeypatch):
     root = tmp_path / "run.state"
-    write_state(root, 1, _files("1"), {}, keep=2)
+    write_state(root, 1, _files("1", 1), {"position": [1, 1]}, keep=2, run="ab")
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(SaveError) as caught:
-        write_state(root, 2, _files("2"), {}, keep=2)
+        write_state(root, 2, _files("2", 2), {"position": [1, 2]}, keep=2, run="ab")
     message = str(caught.value)
     assert f"the disk holding {root}" in message and "is full" in message and "adapters.safetensors" in message
-    assert f"the previous state {root / 'step-00000001'} is intact" in message
+    assert f"the previous state {root / 'step-00000001-ab'} is intact" in message
     monkeypatch.undo()
-    assert [s for s, _, _ in states(root)] == [1] and not list(root.glob(".*"))
-    assert read_state(root / "step-00000001").history["tag"] == "1"
+    assert [f.step for f in states(root)] == [1] and not list(root.glob(".*"))
+    assert read_state(root / "step-00000001-ab").history["tag"] == "1"
 
 
 def test_storage_error_for_other_failures(tmp_path):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import small_dataset, write_preset
 from lorasmith.train import cli
 from lorasmith.train.signals import PREEMPTED_EXIT
-from lorasmith.train.state import read_state, states
+from lorasmith.train.state import latest, read_state, states
 
 BIN = Path(sys.executable).parent
 PROMPTS = "# one prompt, tiny and quick\nclaymation style, a blob --w 64 --h 64 --s 2 --d 3 --n blurry\n"
@@ -89,7 +89,7 @@ def test_reference_run_writes_logs_samples_states_and_report(job):
                                                                                 ["27", "3"]]
     grids = sorted(p.name for p in (out / "test.samples").glob("*-grid.png"))
     assert grids == ["e000001-s00000009-grid.png", "e000002-s00000018-grid.png", "e000003-s00000027-grid.png"]
-    assert [s for s, _, ok in states(out / "test.state") if ok] == [25, 26, 27]  # the last three kept
+    assert [f.step for f in states(out / "test.state") if f.complete] == [25, 26, 27]  # the last three kept
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["test-000001.safetensors", "test-000002.safetensors",
                                                                  "test.safetensors"]
 
@@ -123,7 +123,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_lora(job, tmp_path)
     wait_for_step(out, kill_at, process)
     process.kill()  # SIGKILL: no handler runs, whatever the process was writing stays half-written
     process.wait()
-    done = [s for s, _, ok in states(out / "test.state") if ok]
+    done = [f.step for f in states(out / "test.state") if f.complete]
     assert done, f"killed after step {kill_at} with no complete state"
     code, err = finish(train(preset, out, "--resume", "auto"))
     assert code == 0, err[-3000:]
@@ -142,10 +142,10 @@ def test_sigterm_writes_a_state_and_exits_with_the_preemption_code(job, tmp_path
     process.send_signal(signal.SIGTERM)
     code, err = finish(process)
     assert code == PREEMPTED_EXIT, err[-3000:]
-    step = [s for s, _, ok in states(out / "test.state") if ok][-1]
+    step = [f.step for f in states(out / "test.state") if f.complete][-1]
     assert step >= 11 and f"stopped by SIGTERM after step {step}; state saved in {out / 'test.state'}" in err
     assert "--resume auto" in err and "Traceback" not in err
-    assert read_state(out / "test.state" / f"step-{step:08d}").manifest["step"] == step
+    assert read_state(latest(out / "test.state")).manifest["step"] == step
     assert f"stopped by SIGTERM at step {step}" in (out / "test.report.html").read_text(encoding="utf-8")
     code, err = finish(train(preset, out, "--resume", "auto", "--set", "output.save_state_every_n_steps=0"))
     assert code == 0, err[-3000:]
@@ -154,7 +154,8 @@ def test_sigterm_writes_a_state_and_exits_with_the_preemption_code(job, tmp_path
 
 def test_a_second_signal_exits_at_once(tmp_path):
     script = ("import time\nfrom lorasmith.train.signals import StopSignals\n"
-              "with StopSignals() as s:\n    print('ready', flush=True)\n    time.sleep(60)\n")
+              "with StopSignals() as s, s.defer('finishing this step'):\n    print('ready', flush=True)\n"
+              "    time.sleep(60)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(signal.SIGINT)
@@ -174,7 +175,7 @@ def test_resume_refuses_a_changed_preset_or_dataset_unless_forced(job, tmp_path,
                      "--set", "optimizer.learning_rate=1e-2", "--set", "sample.sample_every_n_epochs=2"])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{out / 'test.state' / 'step-00000027'} was written by a different run: preset optimizer.learning_rate: " \
+    assert f"{latest(out / 'test.state')} was written by a different run: preset optimizer.learning_rate: " \
            "0.005 then, 0.01 now. Undo the change" in err  # sample settings may change: not listed
     folder = preset.parent / "data" / "6_clay"
     extra = folder / "extra.png"
@@ -206,11 +207,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_state(job, tmp_path, 
                      "--set", "output.save_state_every_n_steps=2", "--set", "sample.sample_prompts="])
     err = capsys.readouterr().err
     assert code == 1
-    state = out / "test.state" / "step-00000004"
+    state = latest(out / "test.state")
+    assert state.name.startswith("step-00000004-")
     assert ("train-lora: error: the loss became nan at step 5. Likely causes: a learning rate too high "
             "(optimizer.learning_rate = 0.005; try a third of it)") in err
     assert f"The last good state is {state} (--resume auto continues from it)." in err
-    assert [s for s, _, ok in states(out / "test.state")] == [2, 4]
+    assert [f.step for f in states(out / "test.state")] == [2, 4]
     weights = read_state(state).adapters
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (out / "test.safetensors").exists()

@@ -219,7 +219,7 @@ def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_pat
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
         assert max(a.get_tensor(k).abs().max().item() for k in keys if "lora_up" in k) > 0  # it trained
     assert (tmp_path / "out" / "test.safetensors").exists()  # rank 0 alone saves
-    state = tmp_path / "out" / "test.state" / "step-00000002"
+    state = next((tmp_path / "out" / "test.state").glob("step-00000002-*"))
     assert len(torch.load(state / "training.pt", weights_only=True)["rng"]) == 2  # one RNG record per rank
     shutil.copytree(state, tmp_path / "copy")
     launch(tmp_path / "resumed", str(tmp_path / "copy"))

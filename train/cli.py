@@ -1,6 +1,6 @@
 """`train-lora`: a preset in, a Kohya-format LoRA out.
 
-Exit codes: 0 done, 1 training failed, 2 bad preset/usage/state, 75 stopped by SIGTERM/SIGINT with a state saved.
+Exit codes: 0 done, 1 training failed, 2 bad preset/usage/state, 75 stopped by SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ Multi-GPU: accelerate launch --multi_gpu --num_processes N train-lora preset.tom
 
 States and resuming: with output.save_state (default on) a state is written with every epoch save, every
 output.save_state_every_n_steps steps, at the end and when SIGTERM or SIGINT arrives (the current step
-finishes first; a second signal exits at once). `--resume auto` continues from the newest complete state
-and ends with the same LoRA an uninterrupted run would have written. A state written by another preset or
-dataset is refused with the list of differences unless --force.
+finishes first; a second signal exits at once). States are named by step and run
+(<name>.state/step-00000200-<run>/): a fresh run never prunes or resumes an earlier run's states.
+`--resume auto` continues from the newest complete state written and ends with the same LoRA an
+uninterrupted run would have written. A state written by another preset or dataset is refused with the
+list of differences unless --force; one whose manifest was edited by hand is refused always.
+
+Signals before training (loading, caching latents) stop at once with 75 and nothing to resume; during the
+final save the save finishes first. One run at a time per output name: a second one is refused (exit 2).
 
 Beside the LoRA: <name>.report.html (loss curves, validation, sample grids, timings; refreshed at every
 save), <name>.logs/loss.csv and validation.csv (and TensorBoard events when tensorboard is installed),
@@ -31,9 +36,11 @@ save), <name>.logs/loss.csv and validation.csv (and TensorBoard events when tens
 
 exit codes:
   0   done
-  1   training failed: non-finite loss, disk full, or an unexpected error (the message says which)
-  2   bad preset, dataset, model or state (one line names the key or path)
-  75  stopped by SIGTERM/SIGINT after writing a state: run again with --resume auto (EX_TEMPFAIL)
+  1   training failed: non-finite loss, disk full (the path and free space named), or an unexpected error
+  2   bad preset (a key out of range), dataset, model or state (one line names the key or path), or the
+      output in use by another train-lora
+  75  stopped by SIGTERM/SIGINT: after writing a state, run again with --resume auto; before training
+      began, run the same command again (EX_TEMPFAIL)
   130/143  a second SIGINT/SIGTERM: exited at once, nothing written after the last state
 """
 
@@ -61,74 +68,133 @@ def newest_state(config):
     return latest(state_root(config.output.output_dir, config.output.output_name))
 
 
+def take_lock(config):
+    """One run per output name: a second train-lora into the same files is refused, naming the first."""
+    from lorasmith.prep.files import is_disk_full
+    from lorasmith.prep.lock import RunLock
+    from lorasmith.train.config import ConfigError
+    from lorasmith.train.state import storage_error
+
+    lock = RunLock(Path(config.output.output_dir), "train-lora", f".{config.output.output_name}.lock")
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise storage_error(exc, lock.path, None) from None
+        raise ConfigError(f"output.output_dir = {config.output.output_dir} cannot be written ({exc.strerror or exc}): "
+                          "choose a folder you can write to") from None
+    return lock
+
+
+def earlier_runs_note(config, state) -> str | None:
+    """A note when the state folder holds states of runs other than the one that goes on."""
+    from lorasmith.train.state import states, state_root
+
+    root = state_root(config.output.output_dir, config.output.output_name)
+    mine = state.manifest.get("run") if state is not None else None
+    others = [f for f in states(root) if f.complete and f.run != mine]
+    if not others:
+        return None
+    runs = sorted({f.run or "unnamed" for f in others})
+    return (f"{root} also holds {len(others)} state(s) of {len(runs)} other run(s) ({', '.join(runs[:3])}); "
+            "they are kept as they are: delete them when you no longer need them")
+
+
+def summary_line(result) -> str:
+    final = result.outputs[-1] if result.outputs else None
+    size = f" ({final.stat().st_size / 2**20:.1f} MiB)" if final else ""
+    losses = result.losses[-25:]
+    t = result.timings
+    validation = f", validation {result.validation[-1]:.4f}" if result.validation else ""
+    return (f"train-lora: {len(result.losses)} steps, final loss (mean of last {len(losses)}) "
+            f"{sum(losses) / max(1, len(losses)):.4f}{validation}; load {t.get('load', 0):.1f} s, "
+            f"cache {t.get('cache', 0):.1f} s, train {t.get('train', 0):.1f} s, save {t.get('save', 0):.1f} s "
+            f"→ {final}{size}; report {result.report}")
+
+
+def _train(args, rank: int, log, held: dict):
+    """Preset → plan → (unless --dry-run) lock, resume checks and the run; `held` keeps the config, state
+    and lock for the messages and clean-up of main()."""
+    from lorasmith.train.config import load_config
+    from lorasmith.train.models import resolve_name
+    from lorasmith.train.state import check_resume, load_resume
+    from lorasmith.train.trainer import plan_run, run
+
+    held["config"] = config = load_config(args.preset, args.overrides)
+    config.model.pretrained_model, notice = resolve_name(config.model.pretrained_model)
+    if notice:
+        log(f"note: {notice}")
+    dataset, plan = plan_run(config)
+    if rank == 0:
+        for warning in dataset.warnings:
+            log(f"warning: {warning}")
+        print("\n".join(plan.lines()), flush=True)
+    if args.dry_run:
+        print("dry run: no model loaded, nothing written")
+        return None
+    held["lock"] = take_lock(config) if rank == 0 else None
+    held["state"] = state = load_resume(config, args.resume, log)
+    if args.resume == "auto" and state is None:
+        log("note: --resume auto found no complete state; starting afresh")
+    if state is not None:
+        check_resume(config, dataset, plan, state, args.force, log)
+    note = earlier_runs_note(config, state) if rank == 0 else None
+    if note:
+        log(f"note: {note}")
+    return run(config, progress=not args.quiet, log=log, planned=(dataset, plan), resume=state)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
+    from lorasmith.prep.cli import printable_output
+
+    printable_output()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from lorasmith.captioning.hub import ModelNotFound
-    from lorasmith.train.config import ConfigError, load_config
+    from lorasmith.prep.lock import Busy
+    from lorasmith.train.config import ConfigError
     from lorasmith.train.dataset import DatasetError
     from lorasmith.train.events import NonFiniteLoss, Preempted
-    from lorasmith.train.models import resolve_name
-    from lorasmith.train.signals import PREEMPTED_EXIT
+    from lorasmith.train.signals import PREEMPTED_EXIT, Interrupted, StopSignals
     from lorasmith.train.state import SaveError, StateError
-    from lorasmith.train.trainer import plan_run, world
+    from lorasmith.train.trainer import world
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
-    config = None
+    rank = world()[0]
+    held: dict = {"config": None, "state": None, "lock": None}
     try:
-        config = load_config(args.preset, args.overrides)
-        config.model.pretrained_model, notice = resolve_name(config.model.pretrained_model)
-        if notice:
-            log(f"note: {notice}")
-        dataset, plan = plan_run(config)
-        if world()[0] == 0:
-            for warning in dataset.warnings:
-                log(f"warning: {warning}")
-            print("\n".join(plan.lines()), flush=True)
-        if args.dry_run:
-            print("dry run: no model loaded, nothing written")
-            return 0
-        from lorasmith.train.events import load_resume
-        from lorasmith.train.state import check_resume
-        from lorasmith.train.trainer import run
-
-        state = load_resume(config, args.resume)
-        if args.resume == "auto" and state is None:
-            log("note: --resume auto found no complete state; starting afresh")
-        if state is not None:
-            check_resume(config, dataset, plan, state, args.force, log)
-        result, plan = run(config, progress=not args.quiet, log=log, planned=(dataset, plan), resume=state)
-    except (ConfigError, DatasetError, ModelNotFound, StateError) as exc:
+        with StopSignals(None if rank == 0 else (lambda message: None)) as signals:
+            signals.phase = "reading the preset and the dataset"
+            result = _train(args, rank, log, held)
+    except (ConfigError, DatasetError, ModelNotFound, StateError, Busy) as exc:
         print(f"train-lora: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        if rank == 0:
+            state = held["state"]
+            then = (f"--resume auto continues from {state.folder} as before" if state is not None
+                    else "nothing to resume from this run: run the same command again")
+            print(f"train-lora: stopped by {stop.name} while {stop.phase}, before training began; {then}",
+                  file=sys.stderr)
+        return PREEMPTED_EXIT
     except Preempted as exc:
-        if world()[0] == 0:  # every process stops; the one that wrote the state says so
+        if rank == 0:  # every process stops; the one that wrote the state says so
             print(f"train-lora: {exc}; continue with: train-lora {args.preset} --resume auto", file=sys.stderr)
         return PREEMPTED_EXIT
     except (NonFiniteLoss, SaveError) as exc:
-        kept = newest_state(config)
+        kept = newest_state(held["config"])
         where = f"The last good state is {kept} (--resume auto continues from it)." if kept else "No state was saved."
         print(f"train-lora: error: {exc} {where if isinstance(exc, NonFiniteLoss) else ''}".rstrip(), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # outside the training loop, where Ctrl-C is not yet (or no longer) a stop request
-        kept = newest_state(config) if config else None
-        where = f"the newest complete state is {kept} (--resume auto continues from it)" if kept else "no state to resume"
-        print(f"train-lora: interrupted outside the training loop; {where}", file=sys.stderr)
-        return 130
-    if world()[0] == 0:
-        final = result.outputs[-1] if result.outputs else None
-        size = f" ({final.stat().st_size / 2**20:.1f} MiB)" if final else ""
-        losses = result.losses[-25:]
-        t = result.timings
-        validation = f", validation {result.validation[-1]:.4f}" if result.validation else ""
-        print(f"train-lora: {len(result.losses)} steps, final loss (mean of last {len(losses)}) "
-              f"{sum(losses) / max(1, len(losses)):.4f}{validation}; load {t.get('load', 0):.1f} s, "
-              f"cache {t.get('cache', 0):.1f} s, train {t.get('train', 0):.1f} s, save {t.get('save', 0):.1f} s "
-              f"→ {final}{size}; report {result.report}")
+    finally:
+        if held["lock"] is not None:
+            held["lock"].release()
+    if result is not None and rank == 0:
+        print(summary_line(result))
     return 0
 
 

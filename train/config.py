@@ -9,16 +9,47 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 CONFIG_VERSION = 1
+MAX_SEED = 2**32 - 1
+"""numpy's seed range, which accelerate's set_seed passes the seed to."""
 
 
 class ConfigError(ValueError):
     """A preset that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take, checked once where the preset is read."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    hint: str = ""
+
+    def holds(self, value: float) -> bool:
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+        return (f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+                if self.low is not None else f"{'<' if self.high_open else '≤'} {self.high:g}")
+
+
+def ranged(default, low=None, high=None, *, low_open=False, high_open=False, hint=""):
+    """A dataclass field whose value must lie in the given range."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, hint)})
 
 
 @dataclass
@@ -34,67 +65,67 @@ class DatasetConfig:
     train_data_dir: str = ""
     """A Kohya training root of <repeats>_<tokens> folders, or a folder with metadata.jsonl."""
     reg_data_dir: str = ""
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = ranged(1.0, 0)
     caption_extension: str = ".txt"
-    resolution: int = 512
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
+    resolution: int = ranged(512, 64, 8192)
+    min_bucket_reso: int = ranged(256, 64, 8192)
+    max_bucket_reso: int = ranged(1024, 64, 8192)
+    bucket_reso_steps: int = ranged(64, 8, 1024, hint="a multiple of 8: the VAE halves each side three times")
     shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
+    keep_tokens: int = ranged(0, 0)
+    caption_dropout_rate: float = ranged(0.0, 0, 1, high_open=True)
     flip_aug: bool = False
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = True
-    validation_split: float = 0.0
+    validation_split: float = ranged(0.0, 0, 1, high_open=True, hint="e.g. 0.1 holds out 10 %")
     """Fraction of the pictures held out of training to measure a validation loss each epoch (0 = none)."""
 
 
 @dataclass
 class NetworkConfig:
-    network_dim: int = 64
-    network_alpha: float = 32.0
-    conv_dim: int = 0
+    network_dim: int = ranged(64, 1, 4096)
+    network_alpha: float = ranged(32.0, 0, low_open=True)
+    conv_dim: int = ranged(0, 0, 4096, hint="0 is off")
     """Rank of LoCon adapters on the UNet's ResNet convolutions; 0 trains attention only."""
-    conv_alpha: float = 1.0
-    network_dropout: float = 0.0
+    conv_alpha: float = ranged(1.0, 0, low_open=True)
+    network_dropout: float = ranged(0.0, 0, 1, high_open=True)
 
 
 @dataclass
 class OptimizerConfig:
     optimizer_type: Literal["AdamW8bit", "AdamW", "Lion", "Prodigy", "Adafactor"] = "AdamW8bit"
-    learning_rate: float = 1e-4
-    unet_lr: float = 0.0
+    learning_rate: float = ranged(1e-4, 0, low_open=True)
+    unet_lr: float = ranged(0.0, 0, hint="0 means learning_rate")
     """0 means learning_rate."""
-    text_encoder_lr: float = 0.0
+    text_encoder_lr: float = ranged(0.0, 0, hint="0 leaves the text encoder frozen")
     """0 leaves the text encoder frozen (its outputs can then be cached)."""
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    weight_decay: float = ranged(0.01, 0)
+    max_grad_norm: float = ranged(1.0, 0, hint="0 turns clipping off")
 
 
 @dataclass
 class ScheduleConfig:
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
                           "polynomial"] = "cosine"
-    lr_warmup_steps: float = 0.1
+    lr_warmup_steps: float = ranged(0.1, 0, hint="below 1 a fraction of all steps, else a step count")
     """Below 1: a fraction of all steps; 1 or more: a number of steps."""
-    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_num_cycles: int = ranged(1, 1, 1000)
 
 
 @dataclass
 class TrainingConfig:
-    max_train_epochs: int = 10
-    max_train_steps: int = 0
+    max_train_epochs: int = ranged(10, 0, 100_000)
+    max_train_steps: int = ranged(0, 0, 100_000_000)
     """0 means max_train_epochs decides."""
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    train_batch_size: int = ranged(1, 1, 4096)
+    gradient_accumulation_steps: int = ranged(1, 1, 4096)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    clip_skip: int = 1
+    clip_skip: int = ranged(1, 1, 48, hint="Kohya's convention: 1 = last layer, 2 = penultimate")
     """Kohya's convention: 1 = last layer, 2 = penultimate layer (anime models)."""
-    seed: int = 42
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0
+    seed: int = ranged(42, 0, MAX_SEED)
+    noise_offset: float = ranged(0.0, 0, 1, hint="0.05-0.1 is usual")
+    min_snr_gamma: float = ranged(0.0, 0, hint="0 is off; 5 is the paper's value")
     gradient_checkpointing: bool = False
 
 
@@ -103,12 +134,12 @@ class OutputConfig:
     output_dir: str = "output"
     output_name: str = "lora"
     save_precision: Literal["fp16", "bf16", "float"] = "fp16"
-    save_every_n_epochs: int = 0
+    save_every_n_epochs: int = ranged(0, 0)
     save_state: bool = True
     """Write a resumable state (weights, optimizer, schedule, RNG, data position) with every epoch save."""
-    save_state_every_n_steps: int = 0
+    save_state_every_n_steps: int = ranged(0, 0)
     """Also write a state every N optimizer steps (0 = only with epoch saves and on SIGTERM/SIGINT)."""
-    save_last_n_states: int = 2
+    save_last_n_states: int = ranged(2, 1)
     """States kept on disk; older ones are removed once a newer one is complete."""
     log_tensorboard: bool = True
     """TensorBoard event files beside loss.csv when the tensorboard package is installed."""
@@ -124,8 +155,8 @@ SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpm
 class SampleConfig:
     sample_prompts: str = ""
     """A prompts file in Kohya's format (one prompt a line, --n --w --h --d --l --s options, # comments)."""
-    sample_every_n_epochs: int = 0
-    sample_every_n_steps: int = 0
+    sample_every_n_epochs: int = ranged(0, 0)
+    sample_every_n_steps: int = ranged(0, 0)
     sample_at_first: bool = False
     """Sample once before training, to see the base model's output beside the trained ones."""
     sample_sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
@@ -158,6 +189,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # `max_train_steps = 1e4` means 10000
     if kind in (int, float, str, bool) and (type(value) is not kind):
         raise ConfigError(f"{where} = {value!r} must be {kind.__name__}, not {type(value).__name__}")
     return value
@@ -192,7 +225,16 @@ def parse_value(text: str, kind: Any) -> Any:
             return False
         raise ValueError(f"expected true or false, got {text!r}")
     if kind is int:
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)  # 1e4
+            except ValueError:
+                value = math.nan
+            if not value.is_integer():
+                raise ValueError(f"expected a whole number, got {text!r}") from None
+            return int(value)
     if kind is float:
         return float(text)
     return text
@@ -239,32 +281,64 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _check_ranges(config: Config) -> None:
+    """Every number finite and inside its field's range."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for item in dataclasses.fields(values):
+            value, key = getattr(values, item.name), f"{section.name}.{item.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} = {value} must be a finite number")
+            allowed = item.metadata.get("range")
+            if allowed is not None and not allowed.holds(value):
+                hint = f" ({allowed.hint})" if allowed.hint else ""
+                raise ConfigError(f"{key} = {value!r} is out of range: it must be {allowed}{hint}")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `output.output_name` cannot name the run's files, or None."""
+    from lorasmith.prep.layout import safe_stem
+
+    if not name.strip():
+        return "is empty: it names the LoRA file, e.g. output_name = \"claymation-style\""
+    if safe_stem(name) != unicodedata.normalize("NFC", name):
+        return (f"cannot be a file name (no path separators, leading dots or <>:\"\\|?*, at most 200 bytes); "
+                f"e.g. {safe_stem(name)!r}")
+    return None
+
+
 def validate(config: Config) -> None:
-    """Checks across keys and ranges that types alone cannot express."""
-    t, n, d = config.training, config.network, config.dataset
+    """Ranges of every number, then the checks across keys that ranges cannot express."""
+    from lorasmith.prep.sidecar import caption_extension
+    from lorasmith.train.plan import bucket_resolutions
+
+    _check_ranges(config)
+    t, d, o = config.training, config.dataset, config.output
     checks = [
         (config.config_version == CONFIG_VERSION, f"config_version must be {CONFIG_VERSION}"),
-        (t.train_batch_size >= 1, "training.train_batch_size must be at least 1"),
-        (t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be at least 1"),
         (t.max_train_epochs >= 1 or t.max_train_steps >= 1, "training.max_train_epochs or max_train_steps must be set"),
-        (t.clip_skip >= 1, "training.clip_skip counts from 1 (Kohya: 1 = last layer, 2 = penultimate)"),
-        (n.network_dim >= 1, "network.network_dim must be at least 1"),
-        (n.network_alpha > 0, "network.network_alpha must be positive"),
-        (n.conv_dim >= 0, "network.conv_dim must be 0 (off) or a rank"),
-        (d.resolution % 64 == 0 and d.resolution >= 64, "dataset.resolution must be a multiple of 64"),
-        (0 <= d.caption_dropout_rate < 1, "dataset.caption_dropout_rate must lie in [0, 1)"),
-        (d.keep_tokens >= 0, "dataset.keep_tokens must be 0 or more"),
-        (config.optimizer.learning_rate > 0, "optimizer.learning_rate must be positive"),
-        (0 <= d.validation_split < 1, "dataset.validation_split must lie in [0, 1), e.g. 0.1 holds out 10 %"),
-        (config.output.save_last_n_states >= 1, "output.save_last_n_states must be at least 1"),
-        (config.output.save_state_every_n_steps >= 0, "output.save_state_every_n_steps must be 0 (off) or more"),
-        (config.sample.sample_every_n_epochs >= 0 and config.sample.sample_every_n_steps >= 0,
-         "sample.sample_every_n_epochs and sample_every_n_steps must be 0 (off) or more"),
+        (d.resolution % 64 == 0, "dataset.resolution must be a multiple of 64"),
+        (d.bucket_reso_steps % 8 == 0, "dataset.bucket_reso_steps must be a multiple of 8"),
+        (d.min_bucket_reso <= d.resolution <= d.max_bucket_reso,
+         f"dataset.resolution = {d.resolution} must lie between dataset.min_bucket_reso = {d.min_bucket_reso} and "
+         f"max_bucket_reso = {d.max_bucket_reso} (Kohya's rule: buckets range around the resolution)"),
         (bool(d.train_data_dir), "dataset.train_data_dir is empty: point it at the folder prep-images wrote"),
+        (bool(config.model.pretrained_model.strip()), "model.pretrained_model is empty: give a hub id or a folder"),
+        (bool(o.output_dir.strip()), "output.output_dir is empty: give the folder the LoRA goes to"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    problem = _name_problem(o.output_name)
+    if problem:
+        raise ConfigError(f"output.output_name = {o.output_name!r} {problem}")
+    try:
+        d.caption_extension = caption_extension(d.caption_extension, "dataset.caption_extension =")
+        bucket_resolutions(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(path: Path, overrides: list[str] = ()) -> Config:
@@ -272,10 +346,18 @@ def load_config(path: Path, overrides: list[str] = ()) -> Config:
     import toml
 
     try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors put a byte-order mark first
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such preset file") from None
-    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder: give the preset file, e.g. presets/sd15-style.toml") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the preset as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = toml.loads(text)
+    except (toml.TomlDecodeError, ValueError, IndexError, TypeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     try:
         config = _build(Config, apply_overrides(data, list(overrides)), "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,9 @@ from PIL import Image
 
 from lorasmith.prep.crop import render
 from lorasmith.prep.files import sha256_file
-from lorasmith.prep.layout import iter_images, repeat_folders
-from lorasmith.prep.loading import open_picture
+from lorasmith.prep.layout import iter_images, repeat_folders, stray_pictures
+from lorasmith.prep.loading import PictureError, open_picture
+from lorasmith.prep.sidecar import SidecarError, decode_text, read_caption
 from lorasmith.prep.sizing import crop_box
 from lorasmith.train.plan import assign_bucket
 
@@ -37,6 +39,8 @@ class Item:
     is_reg: bool = False
     content: str = ""
     """sha256 of the file, so a cached latent is never used for a changed picture."""
+    size: tuple[int, int] | None = None
+    """The picture's upright size, for the bucket metadata (Kohya's mean aspect-ratio error)."""
 
 
 @dataclass
@@ -70,69 +74,134 @@ class Dataset:
         return list(counts.items())
 
 
-def _caption(image: Path, extension: str, fallback: str, warnings: list[str]) -> str:
+def _caption(image: Path, extension: str, fallback: str, warnings: list[str]) -> str | None:
+    """The picture's caption; the folder's tokens when it has none; None when it cannot be read (then the
+    picture is left out: training it under the wrong caption would be worse than not at all)."""
     sidecar = image.with_suffix(extension)
-    if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
-        if text:
-            return text
+    try:
+        text = read_caption(sidecar)
+    except SidecarError as exc:
+        warnings.append(f"{sidecar}: {exc}; its picture {image.name} is left out")
+        return None
+    if text:
+        return text
     warnings.append(f"{image.name}: no caption ({sidecar.name}); using the folder's tokens {fallback!r}")
     return fallback
 
 
-def _size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:
-        return image.size  # prep's outputs are upright; other pictures are made upright when loaded
+def _probe(path: Path, warnings: list[str], where: str) -> tuple[tuple[int, int], str] | None:
+    """(upright size, sha256) of a picture that decodes; None, with a warning naming it, for one that does
+    not (a text file named .png, a truncated download, an unreadable file)."""
+    try:
+        size = open_picture(path, draft_for=lambda w, h: (min(w, 64), min(h, 64))).size
+        return size, sha256_file(path)
+    except PictureError as exc:
+        reason = str(exc)
+    except OSError as exc:
+        reason = f"cannot be read: {exc.strerror or exc}"
+    warnings.append(f"{where}: {reason}; left out")
+    return None
 
 
-def read_folder(root: Path, extension: str, buckets: list[tuple[int, int]], is_reg: bool = False
-                ) -> tuple[list[Item], list[str], dict[str, int]]:
-    warnings: list[str] = []
-    items: list[Item] = []
-    folders: dict[str, int] = {}
+def _read_metadata(root: Path, buckets, is_reg: bool, warnings: list[str]) -> list[Item]:
+    """A diffusers `metadata.jsonl` folder: one JSON object per line with `file_name` and `text`. A line that
+    cannot be used is named and left out; the file must leave at least one picture."""
     metadata = root / "metadata.jsonl"
-    if metadata.is_file():
-        for n, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                path, text = root / row["file_name"], str(row.get("text", ""))
-            except (ValueError, KeyError, TypeError):
-                raise DatasetError(f"{metadata}:{n}: each line must be JSON with file_name and text") from None
-            if not path.is_file():
-                warnings.append(f"{metadata.name}:{n}: {row['file_name']} does not exist; left out")
-                continue
-            items.append(Item(path, text, 1, assign_bucket(_size(path), buckets), is_reg, sha256_file(path)))
-        folders[root.name] = 1
-        return items, warnings, folders
-    found = repeat_folders(root)
+    try:
+        lines = decode_text(metadata.read_bytes()).splitlines()
+    except (OSError, SidecarError) as exc:
+        raise DatasetError(f"{metadata} {getattr(exc, 'strerror', None) or exc}") from None
+    items: list[Item] = []
+    for n, line in enumerate(lines, 1):
+        where = f"{metadata.name}:{n}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row.get("text")
+            if not isinstance(name, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            warnings.append(f"{where}: not a JSON object with a file_name; line left out")
+            continue
+        if not isinstance(text, str):
+            warnings.append(f"{where}: {name} has no text ({json.dumps(text)}); trained with an empty caption")
+            text = ""
+        path = root / name
+        if not path.is_file():
+            warnings.append(f"{where}: {name} does not exist; left out")
+            continue
+        probed = _probe(path, warnings, f"{where}: {name}")
+        if probed:
+            items.append(Item(path, text.strip(), 1, assign_bucket(probed[0], buckets), is_reg, probed[1], probed[0]))
+    if not items:
+        raise DatasetError(f"{metadata} lists no picture that can be used ({_first(warnings)}): check the "
+                           "file_name of each line against the pictures in that folder")
+    return items
+
+
+def _first(warnings: list[str], count: int = 3) -> str:
+    more = f"; and {len(warnings) - count} more" if len(warnings) > count else ""
+    return "; ".join(warnings[:count]) + more
+
+
+def read_folder(root: Path, extension: str, buckets: list[tuple[int, int]], is_reg: bool = False,
+                exclude: tuple[Path, ...] = ()) -> tuple[list[Item], list[str], dict[str, int]]:
+    """The pictures of a training root (repeat folders, or a metadata.jsonl folder) with their captions.
+
+    Folders in `exclude` (the run's own outputs) are never read. Pictures that cannot be used, folders
+    that are not repeat folders, and captions that cannot be read are named in the warnings.
+    """
+    warnings: list[str] = []
+    if (root / "metadata.jsonl").is_file():
+        return _read_metadata(root, buckets, is_reg, warnings), warnings, {root.name: 1}
+    skip = {p.resolve() for p in exclude}
+    found = [f for f in repeat_folders(root) if f.path.resolve() not in skip]
+    warnings += [f"{root}{os.sep}{line}" for line in stray_pictures(root, exclude)]
+    loose = [p.name for p in iter_images(root)] if root not in [f.path for f in found] else []
+    if loose:
+        warnings.append(f"{root}: {len(loose)} picture(s) lie directly in the training root and are not used "
+                        f"(e.g. {loose[0]}): put them in a <repeats>_<name> folder such as 10_clay")
     if not found:
         raise DatasetError(f"{root} holds no <repeats>_<name> folders (like 100_clay) and no metadata.jsonl: "
                            "point it at the --out folder of prep-images")
+    items: list[Item] = []
+    folders: dict[str, int] = {}
     for folder in found:
         folders[folder.path.name] = folder.repeats
-        for image in iter_images(folder.path):
-            caption = _caption(image, extension, folder.tokens, warnings)
-            items.append(Item(image, caption, folder.repeats, assign_bucket(_size(image), buckets), is_reg,
-                              sha256_file(image)))
+        try:
+            pictures = list(iter_images(folder.path))
+        except OSError as exc:
+            warnings.append(f"{folder.path}: cannot list this folder ({exc.strerror or exc}); left out")
+            continue
+        for image in pictures:
+            probed = _probe(image, warnings, str(image))
+            caption = _caption(image, extension, folder.tokens, warnings) if probed else None
+            if caption is not None:
+                items.append(Item(image, caption, folder.repeats, assign_bucket(probed[0], buckets), is_reg,
+                                  probed[1], probed[0]))
     if not items:
-        raise DatasetError(f"{root}: the repeat folders hold no pictures")
+        raise DatasetError(f"{root}: the repeat folders hold no picture that can be used ({_first(warnings)})")
     return items, warnings, folders
 
 
-def load_dataset(train_dir: Path, reg_dir: Path | None, extension: str, buckets: list[tuple[int, int]]) -> Dataset:
-    items, warnings, folders = read_folder(train_dir, extension, buckets)
+def load_dataset(train_dir: Path, reg_dir: Path | None, extension: str, buckets: list[tuple[int, int]],
+                 exclude: tuple[Path, ...] = ()) -> Dataset:
+    """The training set (and regularisation set), leaving out the `exclude` folders (the run's outputs)."""
+    items, warnings, folders = read_folder(train_dir, extension, buckets, exclude=exclude)
     reg_items: list[Item] = []
     if reg_dir is not None:
-        reg_items, reg_warnings, _ = read_folder(reg_dir, extension, buckets, is_reg=True)
+        reg_items, reg_warnings, _ = read_folder(reg_dir, extension, buckets, is_reg=True, exclude=exclude)
         warnings += reg_warnings
     return Dataset(items, reg_items, warnings, folders)
 
 
 def load_pixels(item: Item, flip: bool = False) -> Image.Image:
     """The item's picture at its bucket size: resized to cover and centre-cropped (a no-op for prep's outputs)."""
-    image = open_picture(item.image).image
+    try:
+        image = open_picture(item.image).image
+    except PictureError as exc:
+        raise DatasetError(f"{item.image}: {exc}; it changed since the dataset was read: run again") from None
     if image.size != item.bucket:
         image = render(image, crop_box(image.width, image.height, item.bucket), item.bucket)
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image

@@ -8,6 +8,7 @@ same as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -17,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorasmith.train.state import latest, read_state, state_root, write_state
+from lorasmith.train.state import (SaveError, StateError, clear_temps, latest, new_run_id, state_root, storage_error,
+                                   write_state)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -66,6 +68,8 @@ class RunEvents:
         self.paths = RunPaths.of(self.config)
         self.history = {"loss": [], "validation": [], "samples": [], "saves": []}
         self.step, self.position = 0, (1, 0)
+        self.run_id = new_run_id()
+        self.saved_states: dict[int, Path] = {}
         self.times: dict[str, list[float]] = {"state save": [], "sampling": [], "validation": [], "report": []}
         self.result.events = self.times
         self.last_sampled = self.last_validated = None
@@ -97,7 +101,8 @@ class RunEvents:
         self.result.losses.append(loss)
         self.history["loss"].append([self.step, epoch, loss, lr])
         if self.accelerator.is_main_process:
-            self.runlog.step(self.step, epoch, loss, lr)
+            with self.writing(self.paths.logs / "loss.csv"):
+                self.runlog.step(self.step, epoch, loss, lr)
 
     def at_start(self) -> None:
         if self.config.sample.sample_at_first:
@@ -130,15 +135,20 @@ class RunEvents:
         if self.agree(self.signals is not None and self.signals.requested is not None):
             self.preempt()
 
+    def current_epoch(self) -> int:
+        """The epoch the last step belonged to (the position points past a finished epoch)."""
+        epoch, done = self.position
+        return epoch if done else epoch - 1
+
     def at_end(self) -> None:
         if self.dataset.validation and self.last_validated != self.step:
-            self.validate(self.position[0] - 1)
+            self.validate(self.current_epoch())
         if self.prompts and self.last_sampled != self.step:
-            self.sample(self.position[0] - 1)
+            self.sample(self.current_epoch())
 
     def finish(self) -> None:
         """The final LoRA, a final state (to train on later with --resume --force) and the finished report."""
-        epoch = min(self.plan.epochs, self.position[0] - 1) or 1
+        epoch = min(self.plan.epochs, self.current_epoch()) or 1
         started = time.perf_counter()
         self.save(epoch, self.step, final=True)
         save_time = time.perf_counter() - started
@@ -152,7 +162,27 @@ class RunEvents:
 
     # -- states -----------------------------------------------------------------------------------------
     def last_state(self) -> Path | None:
-        return latest(self.paths.states)
+        """This run's newest complete state."""
+        return latest(self.paths.states, self.run_id)
+
+    @contextlib.contextmanager
+    def writing(self, path: Path):
+        """A failed write (a full disk, a folder made read-only) as one SaveError naming the file."""
+        try:
+            yield
+        except SaveError:
+            raise
+        except OSError as exc:
+            raise storage_error(exc, Path(exc.filename) if exc.filename else path, self.last_state()) from None
+
+    def clear_leftovers(self) -> None:
+        """Temporary files and folders that killed processes left among this run's outputs."""
+        from lorasmith.prep.files import clear_stale_parts
+
+        cache = Path(self.config.dataset.train_data_dir) / ".latent_cache"
+        for folder in (Path(self.config.output.output_dir), self.paths.samples, self.paths.logs, cache):
+            clear_stale_parts(folder)
+        clear_temps(self.paths.states)
 
     def _adapters(self) -> dict:
         """Trainable tensors by a stable name: `unet.<peft name>` and `text_encoder.<peft name>`."""
@@ -178,6 +208,8 @@ class RunEvents:
 
         from lorasmith.train.state import config_fingerprint, dataset_fingerprint
 
+        if self.step in self.saved_states:  # e.g. SIGTERM right after a periodic save: nothing new to write
+            return self.saved_states[self.step]
         started = time.perf_counter()
         rngs = [self._rng_state()]
         if self.accelerator.num_processes > 1:
@@ -190,12 +222,16 @@ class RunEvents:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                     "rng": rngs, "accelerator_step": self.accelerator.step}, buffer)
         info = {"epoch": self.position[0], "position": list(self.position), "processes": self.plan.processes,
+                "per_process": -(-self.plan.batches_per_epoch // self.plan.processes),
+                "accumulation": self.plan.accumulation,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "config": config_fingerprint(self.config, self.plan.processes),
                 "dataset": dataset_fingerprint(self.dataset)}
         files = {"adapters.safetensors": save(adapters), "training.pt": buffer.getvalue(),
                  "history.json": json.dumps(self.history).encode()}
-        folder = write_state(self.paths.states, self.step, files, info, self.config.output.save_last_n_states)
+        folder = write_state(self.paths.states, self.step, files, info, self.config.output.save_last_n_states,
+                             self.run_id)
+        self.saved_states[self.step] = folder
         self.result.states.append(folder)
         self._timed("state save", started)
         return folder
@@ -203,9 +239,8 @@ class RunEvents:
     def restore(self, loaded) -> None:
         import torch
 
-        from lorasmith.train.state import StateError
-
         started = time.perf_counter()
+        self.run_id = loaded.manifest.get("run") or self.run_id  # a resumed run goes on as the same run
         params = self._adapters()
         if set(params) != set(loaded.adapters):
             raise StateError(f"{loaded.folder} holds adapters for another network (rank, targets or text "
@@ -214,17 +249,22 @@ class RunEvents:
             for name, param in params.items():
                 param.copy_(loaded.adapters[name].to(param.device, param.dtype))
         t = loaded.training
-        self.optimizer.load_state_dict(t["optimizer"])
-        self.lr_scheduler.load_state_dict(t["scheduler"])
-        rank = self.accelerator.process_index
-        rng = t["rng"][rank] if rank < len(t["rng"]) else t["rng"][0]
-        self.generator.set_state(rng["generator"])
-        self.rng.setstate(rng["python"])
-        random.setstate(rng["global_python"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.accelerator.step = t["accelerator_step"]
+        try:
+            self.optimizer.load_state_dict(t["optimizer"])
+            self.lr_scheduler.load_state_dict(t["scheduler"])
+            rank = self.accelerator.process_index
+            rng = t["rng"][rank] if rank < len(t["rng"]) else t["rng"][0]
+            self.generator.set_state(rng["generator"])
+            self.rng.setstate(rng["python"])
+            random.setstate(rng["global_python"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.accelerator.step = t["accelerator_step"]
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise StateError(f"{loaded.folder / 'training.pt'} does not fit this run ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from another state or start "
+                             "afresh") from None
         self.step, self.position = loaded.manifest["step"], tuple(loaded.manifest["position"])
         self.history = {key: loaded.history.get(key, []) for key in self.history}
         self.result.losses = [row[2] for row in self.history["loss"]]
@@ -274,7 +314,8 @@ class RunEvents:
         value = total / max(1, count)
         self.history["validation"].append([self.step, epoch, value])
         self.result.validation.append(value)
-        self.runlog.validation(self.step, epoch, value)
+        with self.writing(self.paths.logs / "validation.csv"):
+            self.runlog.validation(self.step, epoch, value)
         self.last_validated = self.step
         self._timed("validation", started)
         return value
@@ -307,7 +348,7 @@ class RunEvents:
                 image = generate(unet, self.vae, self.tokenizer, scheduler, positive, negative, prompt, seed,
                                  self.device)
                 path = self.paths.samples / f"{tag}-{i:02d}.png"
-                with atomic_writer(path) as handle:
+                with self.writing(path), atomic_writer(path) as handle:
                     image.save(handle, "PNG")
                 images.append(image)
                 paths.append(path)
@@ -316,7 +357,7 @@ class RunEvents:
         title = f"epoch {epoch} · step {self.step}" + (f" · loss {self.recent_loss():.4f}" if self.step else "")
         grid = make_grid(images, [p.prompt for p in self.prompts], title)
         grid_path = self.paths.samples / f"{tag}-grid.png"
-        with atomic_writer(grid_path) as handle:
+        with self.writing(grid_path), atomic_writer(grid_path) as handle:
             grid.save(handle, "PNG")
         self.history["samples"].append({"step": self.step, "epoch": epoch, "grid": grid_path.name,
                                         "images": [p.name for p in paths]})
@@ -333,7 +374,8 @@ class RunEvents:
 
         self.runlog = RunLog(self.paths.logs, self.accelerator)
         if self.accelerator.is_main_process:
-            self.runlog.open(self.history, self.config.output.output_name)
+            with self.writing(self.paths.logs / "loss.csv"):
+                self.runlog.open(self.history, self.config.output.output_name)
 
     def close_log(self) -> None:
         if self.accelerator.is_main_process:
@@ -368,23 +410,9 @@ class RunEvents:
         data = ReportData(f"{name}: train-lora report", status, to_toml(self.config), self.plan.lines(), lines,
                           self.history["loss"], self.history["validation"], self.plan.total_steps, timings, outputs,
                           grids, {epoch: file for epoch, _, file in self.history["saves"]})
-        write_text_atomic(self.paths.report, render(data))
+        with self.writing(self.paths.report):
+            write_text_atomic(self.paths.report, render(data))
         self.result.report = self.paths.report
         if not final:
             self._timed("report", started)
         return self.paths.report
-
-
-def load_resume(config, value: str | None):
-    """`--resume auto` → the newest complete state (None when there is none); a path → that state."""
-    from lorasmith.train.state import StateError
-
-    if not value:
-        return None
-    if value == "auto":
-        folder = latest(RunPaths.of(config).states)
-        return read_state(folder) if folder else None
-    folder = Path(value).expanduser()
-    if not folder.is_dir():
-        raise StateError(f"--resume {value}: no such state folder (states live in {RunPaths.of(config).states})")
-    return read_state(folder)

@@ -60,11 +60,15 @@ def addnet_hashes(data: bytes) -> tuple[str, str]:
 
 
 def save_lora(path: Path, tensors: dict, metadata: dict[str, str]) -> Path:
-    """Write the file under a temporary name, fsync it, then rename: a reader never sees half a LoRA."""
+    """Write the file under a temporary name, fsync it, then rename: a reader never sees half a LoRA.
+
+    The hashes are taken, as Kohya's `precalculate_safetensors_hashes` does, over the file as it would be
+    with only the `ss_*` metadata: the legacy hash reads at a fixed offset, which the header's length moves.
+    """
     from safetensors.torch import save
 
     metadata = {k: str(v) for k, v in metadata.items()}
-    model_hash, legacy = addnet_hashes(save(tensors, metadata))
+    model_hash, legacy = addnet_hashes(save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")}))
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy)
     with atomic_writer(path, fsync=True) as handle:
         handle.write(save(tensors, metadata))

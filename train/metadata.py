@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 from lorasmith.captioning.text import tokens
 
@@ -24,20 +25,42 @@ def tag_frequency(items) -> dict[str, dict[str, int]]:
     return {folder: dict(counter) for folder, counter in freq.items()}
 
 
+def model_name(name: str) -> str:
+    """The base model as a shared file may name it: a local path by its base name alone (an absolute path
+    would publish the user's folders), a hub id as it is. Kohya does the same."""
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
+
+
+def bucket_info(plan, dataset) -> dict:
+    """Kohya's ss_bucket_info: per bucket its resolution and pictures per epoch (repeats included), and the
+    mean gap between each picture's aspect ratio and its bucket's (without repeats)."""
+    errors = [abs(i.bucket[0] / i.bucket[1] - i.size[0] / i.size[1]) for i in dataset.items if i.size]
+    buckets = {str(n): {"resolution": list(size), "count": count}
+               for n, (size, count) in enumerate(sorted(plan.buckets.items()))}
+    return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
+
+
+def _dirs(items, folders: dict[str, int]) -> dict:
+    return {name: {"n_repeats": repeats, "img_count": sum(1 for i in items if i.image.parent.name == name)}
+            for name, repeats in folders.items()}
+
+
 def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float, prediction_type: str,
                    session: str | None = None) -> dict[str, str]:
+    """Every value names files by base name only, so the file can be shared as it is."""
     n, o, t, opt, d = config.network, config.output, config.training, config.optimizer, config.dataset
     network_args = {"conv_dim": n.conv_dim, "conv_alpha": n.conv_alpha} if n.conv_dim else {}
-    dirs = {name: {"n_repeats": repeats, "img_count": sum(1 for i in dataset.items if i.image.parent.name == name)}
-            for name, repeats in dataset.folders.items()}
+    reg_folders = {i.image.parent.name: i.repeats for i in dataset.reg_items}
     trigger = o.trigger_phrase or next(iter(dataset.folders), "").split("_", 1)[-1]
     res = f"{d.resolution}x{d.resolution}"
+    extra = {"modelspec.encoder_layer": str(t.clip_skip)} if t.clip_skip > 1 else {}
     return {
-        "ss_session_id": session or uuid.uuid4().hex,
+        "ss_session_id": str(int(session, 16)) if session else str(uuid.uuid4().int % 2**32),
         "ss_training_started_at": f"{started:.0f}",
         "ss_training_finished_at": f"{time.time():.0f}",
         "ss_output_name": o.output_name,
-        "ss_sd_model_name": config.model.pretrained_model,
+        "ss_sd_model_name": model_name(config.model.pretrained_model),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_network_module": NETWORK_MODULE,
@@ -75,7 +98,20 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_flip_aug": d.flip_aug,
         "ss_cache_latents": d.cache_latents,
         "ss_enable_bucket": "True",
-        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_bucket_no_upscale": "False",
+        "ss_min_bucket_reso": d.min_bucket_reso,
+        "ss_max_bucket_reso": d.max_bucket_reso,
+        "ss_bucket_info": json.dumps(bucket_info(plan, dataset)),
+        "ss_num_validation_images": len(dataset.validation),
+        "ss_validation_split": d.validation_split,
+        "ss_gradient_checkpointing": t.gradient_checkpointing,
+        "ss_color_aug": "False",
+        "ss_random_crop": "False",
+        "ss_full_fp16": "False",
+        "ss_zero_terminal_snr": "False",
+        "ss_loss_type": "l2",
+        "ss_dataset_dirs": json.dumps(_dirs(dataset.items, dataset.folders)),
+        "ss_reg_dataset_dirs": json.dumps(_dirs(dataset.reg_items, reg_folders)),
         "ss_tag_frequency": json.dumps(tag_frequency(dataset.items)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
@@ -85,4 +121,5 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "modelspec.prediction_type": prediction_type,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.trigger_phrase": trigger,
+        **extra,
     }

@@ -57,3 +57,16 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
         else:
             loaded[part] = None
     return Components(name=name, **loaded)
+
+
+def check_clip_skip(name: str, skip: int) -> None:
+    """clip_skip against the text encoder's depth, read from its config alone, before anything is cached."""
+    from transformers import CLIPTextConfig
+
+    from lorasmith.train.config import ConfigError
+
+    config = load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
+                        "base model (text_encoder)")
+    if skip > config.num_hidden_layers:
+        raise ConfigError(f"training.clip_skip = {skip} is more than the {config.num_hidden_layers} layers of this "
+                          "model's text encoder: use 1 (realistic models) or 2 (anime models)")

@@ -65,7 +65,9 @@ class Plan:
         reg = f" + {self.reg_images} regularisation images (batches doubled)" if self.reg_images else ""
         reg += f"; {self.held_out} more held out for the validation loss" if self.held_out else ""
         per_process = f" over {self.processes} processes" if self.processes > 1 else ""
-        saves = ", ".join(map(str, self.save_epochs)) if self.save_epochs else "the end only"
+        saves = ", ".join(map(str, self.save_epochs[:12])) if self.save_epochs else "the end only"
+        if len(self.save_epochs) > 12:
+            saves += f", ... ({len(self.save_epochs)} saves, every {self.save_epochs[0]} epochs)"
         return [
             f"images: {self.images}{reg}; {self.image_views} image views per epoch",
             f"buckets (items per epoch): {buckets}",
@@ -105,6 +107,6 @@ def make_plan(
         total, epochs = max_steps, math.ceil(max_steps / steps_per_epoch)
     else:
         total = steps_per_epoch * epochs
-    saves = [e for e in range(1, epochs) if save_every and e % save_every == 0]
+    saves = list(range(save_every, epochs, save_every)) if save_every else []
     return Plan(images, reg_images, sum(train_buckets.values()), buckets, batch_size, batches, processes,
                 accumulation, steps_per_epoch, epochs, total, warmup_steps(warmup, total), saves)

@@ -16,8 +16,9 @@ from pathlib import Path
 from lorasmith.prep.files import write_text_atomic
 from lorasmith.train.config import Config, to_toml
 from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
-from lorasmith.train.events import NonFiniteLoss, RunEvents
+from lorasmith.train.events import NonFiniteLoss, RunEvents, RunPaths
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
+from lorasmith.train.models import check_clip_skip
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
 from lorasmith.train.signals import StopSignals
 from lorasmith.train.state import Loaded
@@ -47,11 +48,20 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def own_outputs(config: Config) -> tuple[Path, ...]:
+    """The folders this run writes, which must never be read back as data (an output_name like `5_x` makes
+    `5_x.samples/` look like a repeat folder)."""
+    paths = RunPaths.of(config)
+    out = Path(config.output.output_dir)
+    inside = [out] if out.resolve() != Path(config.dataset.train_data_dir).resolve() else []
+    return (paths.states, paths.samples, paths.logs, *inside)
+
+
 def plan_run(config: Config) -> tuple[Dataset, Plan]:
     d, t = config.dataset, config.training
     buckets = bucket_resolutions(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
     dataset = load_dataset(Path(d.train_data_dir), Path(d.reg_data_dir) if d.reg_data_dir else None,
-                           d.caption_extension, buckets)
+                           d.caption_extension, buckets, own_outputs(config))
     dataset.items, dataset.validation, warning = split_validation(dataset.items, d.validation_split, t.seed)
     if warning:
         dataset.warnings.append(warning)
@@ -98,6 +108,7 @@ class Trainer(RunEvents):
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         parts = self._load("tokenizer", "scheduler")
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.scheduler
+        check_clip_skip(self.config.model.pretrained_model, self.config.training.clip_skip)
 
     def _load(self, *names: str):
         """Frozen parts on the device in the weight precision (trainable adapters are added later in fp32)."""
@@ -127,9 +138,10 @@ class Trainer(RunEvents):
                     for f in flips]
             jobs += [(self._key(item, False), item, False) for item in self.dataset.validation]
             jobs.sort(key=lambda job: (str(job[1].image), job[2]))
-            cache_latents(jobs, self.vae, self.latents, load_pixels, device=self.device,
-                          dtype=next(self.vae.parameters()).dtype,
-                          progress=self.progress and self.accelerator.is_main_process)
+            with self.writing(folder or Path(d.train_data_dir)):
+                cache_latents(jobs, self.vae, self.latents, load_pixels, device=self.device,
+                              dtype=next(self.vae.parameters()).dtype,
+                              progress=self.progress and self.accelerator.is_main_process)
             if not self.prompts:  # samples decode with the VAE; otherwise it is not needed again
                 self.vae = None
             gc.collect()
@@ -235,36 +247,37 @@ class Trainer(RunEvents):
                    disable=not self.progress or not self.accelerator.is_main_process)
         self.open_log()
         try:
-            silent = None if self.accelerator.is_main_process else (lambda message: None)  # one process speaks
-            with StopSignals(silent) as self.signals:
-                if self.step == 0:
-                    self.at_start()
-                first_epoch, skip = self.position
-                for epoch in range(first_epoch, self.plan.epochs + 1):
-                    batches = epoch_batches(self.dataset, t.train_batch_size, t.seed, epoch)
-                    share = -(-len(batches) // processes)
-                    mine = (batches * 2)[rank : rank + share * processes : processes][:share]
-                    for index, batch in enumerate(mine):
-                        if epoch == first_epoch and index < skip:
-                            continue  # consumed before the state was written
-                        loss = self._step(batch)
-                        if not self.accelerator.sync_gradients:
-                            continue
-                        self.step += 1
-                        self.position = (epoch, index + 1)
-                        self.record(epoch, loss)
-                        window = self.result.losses[-LOSS_WINDOW:]
-                        bar.set_postfix(loss=f"{sum(window) / len(window):.4f}",
-                                        lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                        bar.update(1)
-                        self.after_step(epoch)
-                        if self.step >= self.plan.total_steps:
-                            break
+            if self.step == 0:
+                self.at_start()
+            first_epoch, skip = self.position
+            for epoch in range(first_epoch, self.plan.epochs + 1):
+                batches = epoch_batches(self.dataset, t.train_batch_size, t.seed, epoch)
+                share = -(-len(batches) // processes)
+                mine = (batches * 2)[rank : rank + share * processes : processes][:share]
+                whole_epoch = True
+                for index, batch in enumerate(mine):
+                    if epoch == first_epoch and index < skip:
+                        continue  # consumed before the state was written
+                    loss = self._step(batch)
+                    if not self.accelerator.sync_gradients:
+                        continue
+                    self.step += 1
+                    self.position = (epoch, index + 1)
+                    self.record(epoch, loss)
+                    window = self.result.losses[-LOSS_WINDOW:]
+                    bar.set_postfix(loss=f"{sum(window) / len(window):.4f}",
+                                    lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                    bar.update(1)
+                    self.after_step(epoch)
+                    if self.step >= self.plan.total_steps:
+                        whole_epoch = index == len(mine) - 1
+                        break
+                if whole_epoch:  # a run cut by max_train_steps stays mid-epoch, where its position says
                     self.position = (epoch + 1, 0)
                     self.after_epoch(epoch)
-                    if self.step >= self.plan.total_steps:
-                        break
-                self.at_end()
+                if self.step >= self.plan.total_steps:
+                    break
+            self.at_end()
         except NonFiniteLoss as exc:
             self.write_report(f"stopped: {exc.short} (nothing from that step was saved)")
             raise
@@ -355,7 +368,8 @@ class Trainer(RunEvents):
         unet = self.accelerator.unwrap_model(self.unet)
         text = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
         tensors = kohya_state_dict(unet, text, getattr(torch, SAVE_DTYPES[o.save_precision]))
-        metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started, self.prediction)
+        metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started, self.prediction,
+                                  self.run_id)
         path = Path(o.output_dir) / name
         try:
             save_lora(path, tensors, metadata)
@@ -377,24 +391,36 @@ def write_resolved_config(config: Config, plan: Plan) -> Path:
 def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset, Plan] | None = None,
         resume: Loaded | None = None) -> tuple[Result, Plan]:
     """The whole run; `planned` is the (dataset, plan) already read for printing, so it is not read twice;
-    `resume` a state from `events.load_resume`, already accepted by `check_resume`."""
+    `resume` a state from `state.load_resume`, already accepted by `check_resume`.
+
+    SIGTERM/SIGINT before training raise signals.Interrupted; during training they end the run with a state
+    (events.Preempted); during the final save they wait for it to finish."""
     dataset, plan = planned or plan_run(config)
     trainer = Trainer(config, dataset, plan, progress, log, resume)
     timings = trainer.result.timings
-    clock = time.perf_counter()
-    trainer.load()
-    timings["load"] = time.perf_counter() - clock
-    if trainer.accelerator.is_main_process:
-        write_resolved_config(config, plan)
-    clock = time.perf_counter()
-    trainer.cache()
-    timings["cache"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    trainer.load_unet()
-    timings["load"] += time.perf_counter() - clock
-    trainer.setup_network()
-    clock = time.perf_counter()
-    result = trainer.train()
-    timings["train"] = time.perf_counter() - clock
-    trainer.finish()
+    silent = (lambda message: None) if world()[0] != 0 else None  # one process speaks
+    with StopSignals(silent) as trainer.signals:
+        trainer.signals.phase = "loading the base model"
+        clock = time.perf_counter()
+        trainer.load()
+        timings["load"] = time.perf_counter() - clock
+        if trainer.accelerator.is_main_process:
+            trainer.clear_leftovers()
+            with trainer.writing(Path(config.output.output_dir)):
+                write_resolved_config(config, plan)
+        trainer.signals.phase = "caching latents"
+        clock = time.perf_counter()
+        trainer.cache()
+        timings["cache"] = time.perf_counter() - clock
+        trainer.signals.phase = "loading the UNet"
+        clock = time.perf_counter()
+        trainer.load_unet()
+        timings["load"] += time.perf_counter() - clock
+        trainer.setup_network()
+        clock = time.perf_counter()
+        with trainer.signals.defer("finishing this step, then saving a state"):
+            result = trainer.train()
+            timings["train"] = time.perf_counter() - clock
+            with trainer.signals.defer("finishing the final save first"):
+                trainer.finish()
     return result, plan
