@@ -173,7 +173,7 @@ def _run(args, options, locks: list):
     images = find_images(args.dir, unreadable)
     if parse_repeat_folder(args.dir) is None:
         for warning in stray_pictures(args.dir):
-            print(f"warning: {args.dir / warning}", file=sys.stderr)
+            print(f"warning: {warning}", file=sys.stderr)
     if not images and not unreadable:
         raise ValueError(f"{args.dir} holds no pictures (nor do repeat folders inside it)")
     jobs = plan(images, options)
@@ -200,15 +200,13 @@ def _lock_folders(folders: set[Path], locks: list) -> dict[Path, str]:
     """Lock every folder captions go into (one run at a time, and stale temporary files of killed runs
     cleared); returns {folder: reason} for those that cannot be written. Busy when another run holds one."""
     from lorasmith.prep.files import StorageError, clear_stale_parts, is_disk_full, storage_message
-    from lorasmith.prep.lock import Busy, RunLock
+    from lorasmith.prep.lock import RunLock
 
     unwritable = {}
     for folder in sorted(folders):
         lock = RunLock(folder, "caption-folder")
         try:
-            lock.acquire()
-        except Busy:
-            raise
+            lock.acquire()  # Busy (another run holds it) ends the run
         except OSError as exc:
             if is_disk_full(exc):
                 raise StorageError(storage_message(exc, lock.path)) from None

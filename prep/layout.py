@@ -88,7 +88,7 @@ def stray_pictures(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
         except OSError:
             continue
         if count:
-            lines.append(f"{sub.name}/: {not_a_repeat_folder(sub.name)}; its {count} picture(s) are not used")
+            lines.append(f"{sub}{os.sep}: {not_a_repeat_folder(sub.name)}; its {count} picture(s) are not used")
     return lines
 
 

@@ -76,8 +76,11 @@ def _reusable(prev: Outcome | None, source: Path, folder: Path, stem: str, same_
         return False
     if prev.bytes == stat.st_size and prev.mtime_ns == stat.st_mtime_ns:
         return True
-    if prev.bytes != stat.st_size or sha256_file(source) != prev.sha256:
-        return False
+    try:
+        if prev.bytes != stat.st_size or sha256_file(source) != prev.sha256:
+            return False
+    except OSError:
+        return False  # unreadable now: the worker reports why
     prev.mtime_ns = stat.st_mtime_ns  # touched, not changed
     return True
 
@@ -153,9 +156,9 @@ def _prepare(src, dst, name, options, repeats, workers, progress, scan) -> Folde
 
     plan, jobs = _schedule(sources, src, folder, stems, prev_by_source, same_setup, options)
     result = FolderResult(report, folder, dst / "prep_report.json")
-    journal = Journal(dst, report.src, name, report.options)
-    complete = False
+    journal = None
     try:
+        journal = Journal(dst, report.src, name, report.options)
         _run_jobs(sources, src, plan, jobs, workers, progress, folder, stems, journal, result)
         for status, found in (("skipped", scan.special), ("failed", scan.unlistable)):
             for path, reason in found:
@@ -167,15 +170,14 @@ def _prepare(src, dst, name, options, repeats, workers, progress, scan) -> Folde
         result.folder = folder
         result.warnings += [f"{display(folder / c)}: {why}" for c, why in orphan_captions(folder)]
         result.report_path = save_report(dst, report)
-        complete = True
-    except OSError as exc:
-        if is_disk_full(exc) or isinstance(exc, PermissionError):
-            raise StorageError(storage_message(exc, Path(exc.filename or folder / "?"))) from None
-        raise
+        journal.close(delete=True)
+    except OSError as exc:  # reading is per picture in the workers: what fails here is a write to DST
+        raise StorageError(storage_message(exc, Path(exc.filename) if exc.filename else folder)) from None
     finally:
         for job in jobs:  # temporary outputs of workers stopped mid-picture
             job[1].unlink(missing_ok=True)
-        journal.close(delete=complete)
+        if journal is not None:
+            journal.close(delete=False)
     return result
 
 

@@ -8,6 +8,7 @@ the last report. A complete run writes the report and deletes the journal.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -121,8 +122,9 @@ class Journal:
         header = {"version": REPORT_VERSION, "src": src, "name": name, "options": options}
         old = _read_journal(dst)
         if old is not None and old[0] == header:
-            self.handle = open(self.path, "ab")
-            if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            self.handle = open(self.path, "ab+")
+            self.handle.seek(-1, os.SEEK_END)
+            if self.handle.read(1) != b"\n":  # a line cut short by a kill: start on a fresh one
                 self.handle.write(b"\n")
         else:
             self.handle = open(self.path, "wb")
@@ -136,6 +138,9 @@ class Journal:
         self._write(asdict(outcome))
 
     def close(self, delete: bool) -> None:
+        """Close (once; later calls do nothing) and, after a complete run, delete the journal."""
+        if self.handle.closed:
+            return
         try:
             self.handle.close()
         except OSError:

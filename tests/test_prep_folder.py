@@ -188,3 +188,21 @@ def test_usage_errors(tmp_path, make_dst, message):
     src = good_folder(tmp_path / "src", 1)
     with pytest.raises(UsageError, match=message):
         run(src, make_dst(src, tmp_path))
+
+
+def test_a_journal_cut_mid_line_by_a_kill_is_read_and_continued(tmp_path):
+    from lorasmith.prep.picture import Outcome
+    from lorasmith.prep.report import JOURNAL_NAME, Journal, load_report
+
+    journal = Journal(tmp_path, "/src", "x", {"crop": "center"})
+    journal.add(Outcome("a.png", "written", output="a.png"))
+    journal.close(delete=False)
+    with open(tmp_path / JOURNAL_NAME, "ab") as handle:
+        handle.write(b'{"source": "b.pn')  # the process died mid-line
+    journal = Journal(tmp_path, "/src", "x", {"crop": "center"})  # the next run continues the same journal
+    journal.add(Outcome("c.png", "written", output="c.png"))
+    journal.close(delete=False)
+    report = load_report(tmp_path)
+    assert [e.source for e in report.entries] == ["a.png", "c.png"] and report.options == {"crop": "center"}
+    Journal(tmp_path, "/src", "x", {"crop": "top"}).close(delete=False)  # another setup starts afresh
+    assert load_report(tmp_path).entries == []

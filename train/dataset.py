@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +156,7 @@ def read_folder(root: Path, extension: str, buckets: list[tuple[int, int]], is_r
         return _read_metadata(root, buckets, is_reg, warnings), warnings, {root.name: 1}
     skip = {p.resolve() for p in exclude}
     found = [f for f in repeat_folders(root) if f.path.resolve() not in skip]
-    warnings += [f"{root}{os.sep}{line}" for line in stray_pictures(root, exclude)]
+    warnings += stray_pictures(root, exclude)
     loose = [p.name for p in iter_images(root)] if root not in [f.path for f in found] else []
     if loose:
         warnings.append(f"{root}: {len(loose)} picture(s) lie directly in the training root and are not used "

@@ -69,7 +69,9 @@ class RunEvents:
         self.history = {"loss": [], "validation": [], "samples": [], "saves": []}
         self.step, self.position = 0, (1, 0)
         self.run_id = new_run_id()
-        self.saved_states: dict[int, Path] = {}
+        self.forced = False
+        """Resumed with --force despite changes: the data position no longer follows from the step alone."""
+        self.saved_states: dict[int, Path | None] = {}
         self.times: dict[str, list[float]] = {"state save": [], "sampling": [], "validation": [], "report": []}
         self.result.events = self.times
         self.last_sampled = self.last_validated = None
@@ -216,6 +218,7 @@ class RunEvents:
             rngs = gather_object(rngs)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
+            self.saved_states[self.step] = None  # every process must skip a repeated save alike
             return None
         adapters = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self._adapters().items()}
         buffer = io.BytesIO()
@@ -223,7 +226,7 @@ class RunEvents:
                     "rng": rngs, "accelerator_step": self.accelerator.step}, buffer)
         info = {"epoch": self.position[0], "position": list(self.position), "processes": self.plan.processes,
                 "per_process": -(-self.plan.batches_per_epoch // self.plan.processes),
-                "accumulation": self.plan.accumulation,
+                "accumulation": self.plan.accumulation, "forced": self.forced,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "config": config_fingerprint(self.config, self.plan.processes),
                 "dataset": dataset_fingerprint(self.dataset)}
@@ -241,6 +244,7 @@ class RunEvents:
 
         started = time.perf_counter()
         self.run_id = loaded.manifest.get("run") or self.run_id  # a resumed run goes on as the same run
+        self.forced = loaded.forced or bool(loaded.manifest.get("forced"))
         params = self._adapters()
         if set(params) != set(loaded.adapters):
             raise StateError(f"{loaded.folder} holds adapters for another network (rank, targets or text "

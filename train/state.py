@@ -55,6 +55,8 @@ class Loaded:
     history: dict
     seconds: float = 0.0
     """Time spent reading and verifying the files."""
+    forced: bool = False
+    """Accepted with --force although the preset or dataset changed."""
 
 
 class Found(NamedTuple):
@@ -216,8 +218,8 @@ def _check_manifest(folder: Path, manifest: dict) -> None:
     match = _NAME.match(folder.name)
     named = int(match.group(1)) if match else step
     per_process, accumulation = manifest.get("per_process"), manifest.get("accumulation", 1)
-    expected = ((position[0] - 1) * per_process + position[1]) // accumulation if (
-        whole(per_process, 1) and whole(accumulation, 1)) else step
+    counted = whole(per_process, 1) and whole(accumulation, 1) and not manifest.get("forced")
+    expected = ((position[0] - 1) * per_process + position[1]) // accumulation if counted else step
     if step != named or step != expected:
         raise StateError(f"{folder / MANIFEST} says step {step}, but its folder name says {named} and its data "
                          f"position (epoch {position[0]}, batch {position[1]}) means step {expected}: it was "
@@ -315,6 +317,7 @@ def check_resume(config, dataset, plan, loaded: Loaded, force: bool, log=print) 
         raise StateError(f"{loaded.folder} was written by a different run: {listing}. Undo the change, start "
                          "afresh without --resume, or add --force to continue with the new settings")
     log(f"warning: resuming with --force despite: {listing}")
+    loaded.forced = True
 
 
 def load_resume(config, value: str | None, log=print) -> Loaded | None:
