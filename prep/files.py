@@ -92,10 +92,7 @@ def clear_stale_parts(folder: Path) -> int:
         if pid is not None and pid != os.getpid() and alive(pid):
             continue
         with contextlib.suppress(OSError):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+            os.unlink(entry.path)
             removed += 1
     return removed
 

@@ -86,13 +86,16 @@ def open_picture(
         raise PictureError(f"truncated or corrupt image data ({exc})") from None
 
 
-def picture_problem(path: Path) -> str | None:
-    """Why `path` is not a usable picture (empty, not a picture, truncated, unreadable), or None if it opens.
+def picture_size(path: Path) -> tuple[int, int]:
+    """The upright size of a picture that decodes; PictureError (empty, not a picture, truncated, unreadable)
+    otherwise. The pixels are decoded, since that is what finds a truncated file; JPEGs at a small scale."""
+    return open_picture(path, draft_for=lambda width, height: (min(width, 64), min(height, 64))).size
 
-    The pixels are decoded (that is what finds a truncated file), JPEGs at a small scale to stay cheap.
-    """
+
+def picture_problem(path: Path) -> str | None:
+    """Why `path` is not a usable picture, or None if it opens."""
     try:
-        open_picture(path, draft_for=lambda width, height: (min(width, 64), min(height, 64)))
+        picture_size(path)
     except PictureError as exc:
         return str(exc)
     return None

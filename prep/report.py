@@ -93,8 +93,16 @@ def _read_report(dst: Path) -> Report | None:
         return None
 
 
+def _journal_header(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.readline())
+    except (OSError, ValueError):
+        return None
+
+
 def _read_journal(dst: Path) -> tuple[dict, list[Outcome]] | None:
-    """The header and entries of a journal; a line cut short by a kill ends the list."""
+    """The header and entries of a journal; a line cut short by a kill is skipped."""
     try:
         lines = (dst / JOURNAL_NAME).read_text(encoding="utf-8").splitlines()
         header = json.loads(lines[0])
@@ -120,8 +128,7 @@ class Journal:
     def __init__(self, dst: Path, src: str, name: str, options: dict):
         self.path = dst / JOURNAL_NAME
         header = {"version": REPORT_VERSION, "src": src, "name": name, "options": options}
-        old = _read_journal(dst)
-        if old is not None and old[0] == header:
+        if _journal_header(self.path) == header:
             self.handle = open(self.path, "ab+")
             self.handle.seek(-1, os.SEEK_END)
             if self.handle.read(1) != b"\n":  # a line cut short by a kill: start on a fresh one

@@ -17,7 +17,7 @@ from PIL import Image
 from lorasmith.prep.crop import render
 from lorasmith.prep.files import sha256_file
 from lorasmith.prep.layout import iter_images, repeat_folders, stray_pictures
-from lorasmith.prep.loading import PictureError, open_picture
+from lorasmith.prep.loading import PictureError, open_picture, picture_size
 from lorasmith.prep.sidecar import SidecarError, decode_text, read_caption
 from lorasmith.prep.sizing import crop_box
 from lorasmith.train.plan import assign_bucket
@@ -92,8 +92,7 @@ def _probe(path: Path, warnings: list[str], where: str) -> tuple[tuple[int, int]
     """(upright size, sha256) of a picture that decodes; None, with a warning naming it, for one that does
     not (a text file named .png, a truncated download, an unreadable file)."""
     try:
-        size = open_picture(path, draft_for=lambda w, h: (min(w, 64), min(h, 64))).size
-        return size, sha256_file(path)
+        return picture_size(path), sha256_file(path)
     except PictureError as exc:
         reason = str(exc)
     except OSError as exc:
