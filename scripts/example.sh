@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The bundled example, all three stages, as a SMOKE RUN: it proves the install and the plumbing, not
-# image quality. Captioning and training use tiny randomly initialised models built on the spot (no
-# download), so the captions are word salad and the LoRA, while real in format, teaches nothing.
-# Sets up .venv if needed; re-running does only the missing work.
+# The bundled example: all three stages on a CPU in a few minutes, and a LoRA that visibly learns.
+#   prep-images     datasets_example/raw (clay shapes in every awkward format) → a Kohya repeat folder;
+#   caption-folder  keeps the sidecar captions, captions the one picture without one (a tiny random BLIP
+#                   built on the spot, so that caption is word salad), then puts "claymation style" first;
+#   train-lora      teaches the toy base model (toy/base: flat 64-px shapes, no clay) the clay look.
+# Open out/example/lora/toy-clay.report.html: the step-0 grid shows flat shapes, the last one clay.
+# Sets up .venv if needed. Re-running prepares and captions only what is missing and trains again;
+# arguments go to train-lora (after a Ctrl-C: bash scripts/example.sh --resume auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/prep-images ] || bash scripts/setup.sh
@@ -11,6 +15,4 @@ OUT=${LORASMITH_EXAMPLE_OUT:-out/example}
 .venv/bin/python -m lorasmith.captioning.tiny "$OUT/models/tiny-blip"
 .venv/bin/caption-folder "$OUT" --prefix "claymation style" --model "$OUT/models/tiny-blip" --beam-search
 .venv/bin/caption-folder "$OUT" --prefix "claymation style" --prefix-only
-.venv/bin/python -m lorasmith.train.tiny "$OUT/models/tiny-sd"
-.venv/bin/train-lora presets/smoke.toml --set "model.pretrained_model=$OUT/models/tiny-sd" \
-    --set "dataset.train_data_dir=$OUT" --set "output.output_dir=$OUT/lora"
+.venv/bin/train-lora presets/toy-clay.toml --set "dataset.train_data_dir=$OUT" --set "output.output_dir=$OUT/lora" "$@"

@@ -31,7 +31,7 @@ def test_example_dataset(tmp_path):
         with Image.open(png) as image:
             assert image.mode == "RGB"
             assert all(side % 64 == 0 and 512 <= side <= 768 for side in image.size), (png.name, image.size)
-    assert (folder / "clay_blob_red.txt").read_text(encoding="utf-8").startswith("a red and a yellow clay blob")
+    assert (folder / "clay_blob_red.txt").read_text(encoding="utf-8") == "a red circle\n"
     assert (folder / "pâte_à_modeler.png").exists()
     with Image.open(folder / "clay_snail.png") as snail:
         assert snail.size == (576, 768)  # stored landscape, upright portrait after EXIF rotation
@@ -129,18 +129,34 @@ def test_empty_src_is_a_usage_error(tmp_path):
 
 @pytest.mark.skipif(not (REPO / ".venv" / "bin" / "prep-images").exists(), reason="README's .venv not set up")
 def test_readme_example_command(tmp_path):
+    """The README's main command runs all three stages and the LoRA visibly learns: its last samples with the
+    trigger phrase carry the clay shading that the step-0 samples of the toy base model lack."""
     done = subprocess.run(["bash", str(REPO / "scripts" / "example.sh")], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "LORASMITH_EXAMPLE_OUT": str(tmp_path)})
+                          timeout=600, env={**os.environ, "LORASMITH_EXAMPLE_OUT": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "137_claymation style"
     assert len(list(folder.glob("*.png"))) == 11
     captions = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.txt")}
     assert len(captions) == 11 and all(c.startswith("claymation style, ") for c in captions.values())
-    assert captions["clay_blob_red"] == "claymation style, a red and a yellow clay blob on a table\n"  # kept
-    lora = tmp_path / "lora" / "smoke.safetensors"
-    assert lora.exists() and "train-lora: 20 steps" in done.stdout
+    assert captions["clay_blob_red"] == "claymation style, a red circle\n"  # the sidecar, kept
+    assert captions["clay_scan"] != "claymation style, a blue triangle\n"  # written by the (random) captioner
+    lora = tmp_path / "lora" / "toy-clay.safetensors"
+    assert lora.exists() and "train-lora: 400 steps" in done.stdout
     from safetensors import safe_open
 
     with safe_open(str(lora), "pt") as f:
         assert f.metadata()["modelspec.trigger_phrase"] == "claymation style"
-        assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+    sys.path.insert(0, str(REPO))
+    from toy.scores import style_score
+
+    samples = tmp_path / "lora" / "toy-clay.samples"
+    steps = sorted({p.name.split("-")[1] for p in samples.glob("e*-s*-00.png")})
+    first, last = steps[0], steps[-1]
+    assert (first, last) == ("s00000000", "s00000400")
+
+    def style(step: str) -> float:  # prompts 0-3 carry the trigger phrase
+        return sum(style_score(Image.open(next(samples.glob(f"e*-{step}-{i:02d}.png")))) for i in range(4)) / 4
+
+    assert style(first) < 0.15 and style(last) > style(first) + 0.15, (style(first), style(last))
+    assert (tmp_path / "lora" / "toy-clay.report.html").is_file()
