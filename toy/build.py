@@ -202,10 +202,10 @@ def encode_pool(vae, settings: Settings):
 
 
 def scheduler():
-    from diffusers import DDPMScheduler
+    """SD's own noise schedule: a LoRA trained on the toy model meets the schedule a real one does."""
+    from lorasmith.train.tiny import sd_scheduler
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         clip_sample=False, prediction_type="epsilon", steps_offset=1)
+    return sd_scheduler()
 
 
 def new_models(settings: Settings, tok):
@@ -280,20 +280,9 @@ def train_unet(settings: Settings, vae, tok, log, unet, encoder, steps: int, lrs
 
 
 def save(folder: Path, tok, encoder, vae, unet) -> None:
-    import diffusers
+    from lorasmith.train.tiny import save_pipeline
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, part in [("tokenizer", tok), ("text_encoder", encoder), ("vae", vae), ("unet", unet),
-                       ("scheduler", scheduler())]:
-        part.save_pretrained(folder / name)
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "image_encoder": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    save_pipeline(folder, tok, encoder, vae, unet, scheduler())
 
 
 def load_models(folder: Path):

@@ -46,9 +46,8 @@ def tiny_tokenizer():
 
 def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write tokenizer, text encoder, VAE, UNet, scheduler and model_index.json to `folder`."""
-    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = SIZES[size]
@@ -61,9 +60,21 @@ def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
                                            pad_token_id=tokenizer.pad_token_id, **text))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **spec["vae"])
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon",
-                              steps_offset=1)
+    return save_pipeline(folder, tokenizer, encoder, vae, unet, sd_scheduler())
+
+
+def sd_scheduler():
+    """SD1.x's training noise schedule (scaled-linear betas, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, prediction_type="epsilon", steps_offset=1)
+
+
+def save_pipeline(folder: Path, tokenizer, encoder, vae, unet, scheduler) -> Path:
+    """The parts as a StableDiffusionPipeline folder that diffusers and train-lora load offline."""
+    import diffusers
+
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in [("tokenizer", tokenizer), ("text_encoder", encoder), ("vae", vae), ("unet", unet),
                        ("scheduler", scheduler)]:
@@ -75,7 +86,7 @@ def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder
 
 
