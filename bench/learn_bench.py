@@ -147,30 +147,18 @@ def reference(data: str, out: str, steps: int, rank: int, lr: float, batch: int,
     print(f"TRAIN_SECONDS {train_seconds:.2f}")
 
 
-def style_stats(groups: list[list]) -> tuple[float, float]:
-    """Mean style over all samples, and the sd of the means of the groups (one per training × sampling seed)."""
-    from toy import scores
-
-    means = [statistics.fmean(scores.style_score(image) for image, *_ in group) for group in groups]
-    return statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else 0.0
-
-
 def evaluate(loras: list[Path | None], seeds) -> dict[bool, tuple[float, float, float, list]]:
-    """style mean, its sd over seed groups, content accuracy and the samples, with (True) and without
-    (False) the trigger phrase, over every LoRA in `loras` (the runs of one trainer, one per training seed)."""
-    from toy import scores
-    from toy.sampling import pipeline, sample
+    """style mean, its sd over (training run, sampling seed) groups, content accuracy and the samples, with
+    (True) and without (False) the trigger phrase, over every LoRA in `loras` (one per training seed)."""
+    from toy.sampling import pipeline, sample, summarise
 
+    pipes = [pipeline(BASE, lora) for lora in loras]
     result = {}
-    runs = [(lora, pipeline(BASE, lora)) for lora in loras]
     for style in (True, False):
-        groups = []
-        for _, pipe in runs:
-            samples = sample(pipe, style, seeds)
-            groups += [[x for x in samples if x[3] == seed] for seed in seeds]
-        flat = [x for group in groups for x in group]
-        mean, sd = style_stats(groups)
-        result[style] = (mean, sd, scores.content_accuracy([(im, c, s) for im, c, s, _ in flat]), flat)
+        flat = [(im, c, s, (run, seed)) for run, pipe in enumerate(pipes)
+                for im, c, s, seed in sample(pipe, style, seeds)]
+        summary = summarise(flat)
+        result[style] = (summary["style_mean"], summary["style_sd_over_seeds"], summary["content_accuracy"], flat)
     return result
 
 

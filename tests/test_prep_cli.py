@@ -158,5 +158,6 @@ def test_readme_example_command(tmp_path):
     def style(step: str) -> float:  # prompts 0-3 carry the trigger phrase
         return sum(style_score(Image.open(next(samples.glob(f"e*-{step}-{i:02d}.png")))) for i in range(4)) / 4
 
-    assert style(first) < 0.15 and style(last) > style(first) + 0.15, (style(first), style(last))
+    before, after = style(first), style(last)
+    assert before < 0.15 and after > before + 0.15, (before, after)
     assert (tmp_path / "lora" / "toy-clay.report.html").is_file()

@@ -240,16 +240,16 @@ def noisy_caption(caption: str, rng: random.Random) -> str:
     return before + caption + after
 
 
-def train_unet(settings: Settings, vae, tok, log, unet, encoder, steps: int, lrs: tuple[float, float],
+def train_unet(settings: Settings, pool, tok, log, unet, encoder, steps: int, lrs: tuple[float, float],
                seed: int, robust: bool):
-    """Denoising training of the UNet and the text encoder on flat pictures; `robust` mixes made-up words
-    into the captions."""
+    """Denoising training of the UNet and the text encoder on the `encode_pool` latents and captions;
+    `robust` mixes made-up words into the captions."""
     import torch
     from diffusers.optimization import get_scheduler
 
     rng = random.Random(seed + 3)
     noise_schedule = scheduler()
-    latents, captions = encode_pool(vae, settings)
+    latents, captions = pool
     optimizer = torch.optim.AdamW([{"params": unet.parameters(), "lr": lrs[0]},
                                    {"params": encoder.parameters(), "lr": lrs[1]}], weight_decay=1e-2)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
@@ -342,26 +342,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "vae":
         return 0
     tok = tokenizer()
+    pool = encode_pool(vae, settings)
     if "unet" in previous.get("stages", {}) and (args.out / "unet" / "config.json").is_file():
         stages["unet"] = previous["stages"]["unet"]
         unet, encoder = load_models(args.out)
         log(f"reusing the UNet and text encoder in {args.out}")
     else:
         start = time.perf_counter()
-        unet, encoder = train_unet(settings, vae, tok, log, *new_models(settings, tok), settings.unet_steps,
+        unet, encoder = train_unet(settings, pool, tok, log, *new_models(settings, tok), settings.unet_steps,
                                    (settings.unet_lr, settings.text_lr), settings.seed + 1, robust=False)
         finish("unet", start)
         save(args.out, tok, encoder, vae, unet)
         record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     start = time.perf_counter()
     torch.manual_seed(settings.seed + 2)
-    unet, encoder = train_unet(settings, vae, tok, log, unet, encoder, settings.robust_steps,
+    unet, encoder = train_unet(settings, pool, tok, log, unet, encoder, settings.robust_steps,
                                (settings.robust_unet_lr, settings.robust_text_lr), settings.seed + 2, robust=True)
     finish("robust", start)
     save(args.out, tok, encoder, vae, unet)
-    samples = sample(pipeline(args.out), False, range(settings.eval_seeds), settings.eval_steps, settings.eval_cfg)
+    pipe = pipeline(args.out)
+    samples = sample(pipe, False, range(settings.eval_seeds), settings.eval_steps, settings.eval_cfg)
     record["evaluation"] = report = summarise(samples)
-    prefixed = sample(pipeline(args.out), False, range(settings.eval_seeds), settings.eval_steps, settings.eval_cfg,
+    prefixed = sample(pipe, False, range(settings.eval_seeds), settings.eval_steps, settings.eval_cfg,
                       prefix="zqxv wobble, ")
     record["evaluation_with_made_up_words_first"] = summarise(prefixed)
     contact_sheet(samples).save(args.out / "samples.png")

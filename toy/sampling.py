@@ -45,6 +45,8 @@ def sample(pipe, style: bool, seeds, steps: int = 25, cfg: float = 7.5, prefix: 
 
 
 def summarise(samples) -> dict:
+    """Content accuracy, mean style, and the sd of the style means of the groups named by each sample's last
+    field (a sampling seed, or a (training run, seed) pair)."""
     styles = [scores.style_score(image) for image, *_ in samples]
     per_seed = {}
     for (image, *_, seed), value in zip(samples, styles):
@@ -54,11 +56,6 @@ def summarise(samples) -> dict:
             "content_accuracy": scores.content_accuracy([(im, c, s) for im, c, s, _ in samples]),
             "style_mean": statistics.fmean(styles),
             "style_sd_over_seeds": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0}
-
-
-def evaluate(model: Path, seeds=range(4), steps: int = 25, cfg: float = 7.5, lora: Path | None = None,
-             style: bool = False) -> dict:
-    return summarise(sample(pipeline(model, lora), style, seeds, steps, cfg))
 
 
 def contact_sheet(samples, columns: int = 12) -> "object":

@@ -49,12 +49,6 @@ def make_scheduler(name: str, base_config):
     return getattr(diffusers, cls).from_config(base_config, **extra)
 
 
-def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers per side: each encoder block but the last halves the picture, so
-    SD's four blocks give 8 and a smaller VAE less (diffusers' pipelines compute it the same way)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt, seed: int, device):
     """One picture for `prompt` with embeddings already computed; noise from a CPU generator, so the same
     seed gives the same start on any device."""
@@ -65,7 +59,7 @@ def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)
-    scale = vae_scale_factor(vae)
+    scale = pipe.vae_scale_factor  # from the VAE's config: 8 for SD, less for a smaller VAE
     latents = torch.randn((1, unet.config.in_channels, prompt.height // scale, prompt.width // scale),
                           generator=generator)
     dtype = positive.dtype
