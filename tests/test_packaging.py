@@ -13,7 +13,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from conftest import REPO
 
-STAGES = {"prep": 0, "captioning": 1, "train": 2}
+STAGES = {"prep": 0, "captioning": 1, "train": 2, "use": 3}
 
 
 def pyproject() -> dict:

@@ -161,3 +161,18 @@ def test_readme_example_command(tmp_path):
     before, after = style(first), style(last)
     assert before < 0.15 and after > before + 0.15, (before, after)
     assert (tmp_path / "lora" / "toy-clay.report.html").is_file()
+    # The sweep: rows = the saved epochs then the final file, columns = weights 0 … 1; through `lora generate`
+    # the final LoRA at weight 1 carries the clay look that weight 0 (the base model) lacks.
+    from lorasmith.use.grid import cell_box
+
+    (sweep,) = (tmp_path / "sweep").glob("sweep-*.png")
+    rows = [p.stem for p in sorted((tmp_path / "lora").glob("toy-clay*.safetensors"))]  # as the glob expands
+    assert rows[-1] == "toy-clay" and len(rows) >= 2
+    columns = [f"weight {w:g}" for w in (0, 0.25, 0.5, 0.75, 1)]
+    grid = Image.open(sweep)
+    assert grid.size == tuple(x + 6 for x in cell_box(len(rows) - 1, 4, rows, columns)[2:])
+
+    def cell(column: int) -> float:
+        return style_score(grid.crop(cell_box(len(rows) - 1, column, rows, columns)).resize((64, 64), Image.LANCZOS))
+
+    assert cell(4) > cell(0) + 0.15, (cell(0), cell(4))

@@ -8,7 +8,7 @@ Kohya's: 512×512, 30 steps, scale 7.5, no negative prompt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _OPTION = re.compile(r"^(ss|n|w|h|d|l|s)\s+(.*)$", re.IGNORECASE | re.DOTALL)
@@ -27,9 +27,10 @@ class Prompt:
     sampler: str | None = None
 
 
-def parse_line(line: str) -> tuple[Prompt | None, list[str]]:
+def parse_line(line: str, defaults: Prompt | None = None) -> tuple[Prompt | None, list[str]]:
     """(prompt, problems) for one line; (None, []) for a blank or `#` line. Unknown or malformed options are
-    reported and skipped, as Kohya does, rather than failing the run."""
+    reported and skipped, as Kohya does, rather than failing the run. Options the line leaves out come from
+    `defaults` (a command line's --steps, say), else Kohya's."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None, []
@@ -62,19 +63,19 @@ def parse_line(line: str) -> tuple[Prompt | None, list[str]]:
     if not prompt:
         problems.append("no prompt before the options")
         return None, problems
-    return Prompt(prompt, **values), problems
+    return replace(defaults or Prompt(""), prompt=prompt, **values), problems
 
 
-def parse_prompts(text: str, source: str = "prompts") -> tuple[list[Prompt], list[str]]:
+def parse_prompts(text: str, source: str = "prompts", defaults: Prompt | None = None) -> tuple[list[Prompt], list[str]]:
     """Every prompt of a file, and warnings naming `source:line` for what was skipped."""
     prompts, warnings = [], []
     for number, line in enumerate(text.splitlines(), 1):
-        prompt, problems = parse_line(line)
+        prompt, problems = parse_line(line, defaults)
         warnings += [f"{source}:{number}: {problem}" for problem in problems]
         if prompt is not None:
             prompts.append(prompt)
     return prompts, warnings
 
 
-def read_prompts(path: Path) -> tuple[list[Prompt], list[str]]:
-    return parse_prompts(path.read_text(encoding="utf-8", errors="replace"), path.name)
+def read_prompts(path: Path, defaults: Prompt | None = None) -> tuple[list[Prompt], list[str]]:
+    return parse_prompts(path.read_text(encoding="utf-8", errors="replace"), path.name, defaults)

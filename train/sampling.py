@@ -63,21 +63,32 @@ def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt
     latents = torch.randn((1, unet.config.in_channels, prompt.height // scale, prompt.width // scale),
                           generator=generator)
     dtype = positive.dtype
+    # The same generator then feeds ancestral samplers' per-step noise: euler_a is reproducible by seed too.
     return pipe(prompt_embeds=positive.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
-                height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
+                height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps, generator=generator,
                 guidance_scale=prompt.scale, latents=latents.to(device, dtype), output_type="pil").images[0]
 
 
-def _font(size: int):
+def label_font(size: int):
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType
         return ImageFont.load_default()
 
 
+def fit_text(draw, text: str, width: float, font) -> str:
+    """`text`, or as much of it as fits in `width` pixels followed by an ellipsis."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    cut = text
+    while len(cut) > 1 and draw.textlength(cut + "…", font=font) > width:
+        cut = cut[:-1]
+    return cut + "…"
+
+
 def make_grid(images: list[Image.Image], labels: list[str], title: str, tile: int = TILE) -> Image.Image:
     """Tiles side by side at one height, each with its label under it, a title above."""
-    font, pad, line = _font(13), 6, 16
+    font, pad, line = label_font(13), 6, 16
     tiles = [im.resize((max(1, round(im.width * tile / im.height)), tile), Image.Resampling.LANCZOS) for im in images]
     width = sum(t.width for t in tiles) + pad * (len(tiles) + 1)
     grid = Image.new("RGB", (max(width, 200), tile + 3 * line + 3 * pad), "white")
@@ -86,9 +97,6 @@ def make_grid(images: list[Image.Image], labels: list[str], title: str, tile: in
     x = pad
     for t, label in zip(tiles, labels):
         grid.paste(t, (x, line + 2 * pad))
-        text = label
-        while len(text) > 1 and draw.textlength(text + "…", font=font) > t.width:
-            text = text[:-1]
-        draw.text((x, tile + line + 3 * pad), text if text == label else text + "…", fill="black", font=font)
+        draw.text((x, tile + line + 3 * pad), fit_text(draw, label, t.width, font), fill="black", font=font)
         x += t.width + pad
     return grid

@@ -1,0 +1,1 @@
+"""Stage 3: use what was trained — generate with LoRAs, merge, resize, inspect."""

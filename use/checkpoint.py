@@ -1,0 +1,156 @@
+"""Saving a diffusers Stable Diffusion 1.x as one original-layout checkpoint, the file A1111/Forge, ComfyUI and
+diffusers' `from_single_file` all read.
+
+Keys follow the original CompVis code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE),
+`cond_stage_model.transformer.text_model.*` (CLIP). The renames invert diffusers' `convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint` and `convert_ldm_clip_checkpoint`, and are laid out from the models' own blocks
+rather than from SD1.5's fixed shape, so any block count, depth or attention placement converts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorasmith.prep.files import atomic_writer
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_CONV_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
+"""The original VAE attention projects with 1×1 convolutions where diffusers uses Linear layers."""
+_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _attentions(block) -> list:
+    return [a for a in (getattr(block, "attentions", None) or ()) if a is not None]
+
+
+def unet_modules(unet) -> dict[str, tuple[str, dict]]:
+    """diffusers module path → (original module path, renames inside it), walking the blocks as LDM numbers them:
+    `input_blocks`/`output_blocks` count every resnet layer and every resampler, `middle_block` alternates."""
+    table = {name: (ldm, {}) for name, ldm in _UNET_FIXED.items()}
+    index = 1
+    for b, block in enumerate(unet.down_blocks):
+        attentions = _attentions(block)
+        for j in range(len(block.resnets)):
+            table[f"down_blocks.{b}.resnets.{j}"] = (f"input_blocks.{index}.0", _UNET_RESNET)
+            if j < len(attentions):
+                table[f"down_blocks.{b}.attentions.{j}"] = (f"input_blocks.{index}.1", {})
+            index += 1
+        if getattr(block, "downsamplers", None):
+            table[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{index}.0.op", {})
+            index += 1
+    if unet.mid_block is not None:
+        for r in range(len(unet.mid_block.resnets)):
+            table[f"mid_block.resnets.{r}"] = (f"middle_block.{2 * r}", _UNET_RESNET)
+        for a in range(len(_attentions(unet.mid_block))):
+            table[f"mid_block.attentions.{a}"] = (f"middle_block.{2 * a + 1}", {})
+    index = 0
+    for b, block in enumerate(unet.up_blocks):
+        attentions = _attentions(block)
+        for j in range(len(block.resnets)):
+            table[f"up_blocks.{b}.resnets.{j}"] = (f"output_blocks.{index}.0", _UNET_RESNET)
+            if j < len(attentions):
+                table[f"up_blocks.{b}.attentions.{j}"] = (f"output_blocks.{index}.1", {})
+            index += 1
+        if getattr(block, "upsamplers", None):
+            # the upsampler sits after the last layer's attention, when that layer has one
+            slot = 2 if len(attentions) >= len(block.resnets) else 1
+            table[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{index - 1}.{slot}.conv", {})
+    return table
+
+
+def vae_modules(vae) -> dict[str, tuple[str, dict]]:
+    """diffusers module path → (original module path, renames inside it); the original numbers decoder levels
+    from the lowest resolution up, so diffusers' up block i is `up.{n-1-i}`."""
+    table = {"quant_conv": ("quant_conv", {}), "post_quant_conv": ("post_quant_conv", {})}
+    for part in ("encoder", "decoder"):
+        coder = getattr(vae, part)
+        for name, ldm in (("conv_in", "conv_in"), ("conv_out", "conv_out"), ("conv_norm_out", "norm_out")):
+            table[f"{part}.{name}"] = (f"{part}.{ldm}", {})
+        if coder.mid_block is not None:
+            for r in range(len(coder.mid_block.resnets)):
+                table[f"{part}.mid_block.resnets.{r}"] = (f"{part}.mid.block_{r + 1}", _VAE_RESNET)
+            for a in range(len(_attentions(coder.mid_block))):
+                table[f"{part}.mid_block.attentions.{a}"] = (f"{part}.mid.attn_{a + 1}", _VAE_ATTENTION)
+    for i, block in enumerate(vae.encoder.down_blocks):
+        for j in range(len(block.resnets)):
+            table[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", _VAE_RESNET)
+        if getattr(block, "downsamplers", None):
+            table[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+    levels = len(vae.decoder.up_blocks)
+    for i, block in enumerate(vae.decoder.up_blocks):
+        level = levels - 1 - i
+        for j in range(len(block.resnets)):
+            table[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{level}.block.{j}", _VAE_RESNET)
+        if getattr(block, "upsamplers", None):
+            table[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{level}.upsample.conv", {})
+    return table
+
+
+def original_key(key: str, modules: dict[str, tuple[str, dict]], part: str) -> str:
+    """The original name of one state-dict key: its longest module prefix in `modules`, then the inner rename.
+    Also how LoRA files that use the original names (`lora_unet_input_blocks_…`) find their layers."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        found = modules.get(".".join(parts[:cut]))
+        if found is not None:
+            ldm, inner = found
+            module, param = ".".join(parts[cut:-1]), parts[-1]
+            module = inner.get(module, module)
+            return ".".join(p for p in (ldm, module, param) if p)
+    raise ValueError(f"{part} weight {key!r} has no name in the original SD1.x/2.x layout")
+
+
+def text_state_dict(text_encoder) -> dict:
+    """CLIP under `text_model.*` whichever module layout transformers gave it (≥ 5.6 dropped the wrapper).
+    `position_ids` is a constant, not a weight; no loader needs it from the file."""
+    config = text_encoder.config
+    if getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
+        raise ValueError("SD2.x text encoders (OpenCLIP, `cond_stage_model.model.*` in the original layout) "
+                         "are not supported yet; only SD1.x's CLIP text encoder is")
+    state = {}
+    for key, tensor in text_encoder.state_dict().items():
+        inner = key.removeprefix("text_model.")
+        if inner.endswith("position_ids"):
+            continue
+        if not inner.startswith(_TEXT_PARTS):
+            raise ValueError(f"text-encoder weight {key!r} has no name in the SD1.x layout")
+        state[TEXT_PREFIX + inner] = tensor
+    return state
+
+
+def original_state_dict(unet, vae, text_encoder) -> dict:
+    """The parts' weights under the original single-file key names (contiguous, CPU, dtype kept)."""
+    state = {}
+    for model, prefix, modules, part in ((unet, UNET_PREFIX, unet_modules(unet), "UNet"),
+                                         (vae, VAE_PREFIX, vae_modules(vae), "VAE")):
+        for key, tensor in model.state_dict().items():
+            if "lora_" in key or ".base_layer." in key:
+                raise ValueError(f"{part} still carries adapter layers ({key!r}); merge and unload them first")
+            name = original_key(key, modules, part)
+            if part == "VAE" and ".mid.attn_" in name and name.endswith(_VAE_CONV_WEIGHTS) and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]
+            state[prefix + name] = tensor
+    state.update(text_state_dict(text_encoder))
+    return {key: tensor.detach().to("cpu").contiguous() for key, tensor in state.items()}
+
+
+def save_checkpoint(path: Path, state: dict, metadata: dict[str, str], dtype=None) -> Path:
+    """Write under a temporary name, fsync, rename: a multi-GB write that fails leaves no file a UI would list.
+    `dtype` casts floating tensors only (fp16 halves the file); integer buffers keep theirs."""
+    from safetensors.torch import save
+
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    with atomic_writer(Path(path), fsync=True) as handle:
+        handle.write(save(tensors, {k: str(v) for k, v in metadata.items()}))
+    return Path(path)

@@ -1,0 +1,155 @@
+"""lora: use what train-lora made — generate with LoRAs, sweep strengths, merge, resize, inspect.
+
+Every subcommand reads LoRA files written by lorasmith, by Kohya's sd-scripts and in diffusers' format; a
+file that does not fit the base model is refused with one sentence, never half-applied.
+
+  lora generate --model BASE --lora clay.safetensors:0.8 --prompt "claymation style, a fox"
+  lora generate --model BASE --lora 'out/clay-*.safetensors' --prompt "claymation style, a fox" --sweep
+  lora generate --model BASE --lora clay.safetensors --init-image photos/ --strength 0.5 --tags \\
+      --prompt "(claymation style:2)"
+  lora merge --model BASE --lora clay.safetensors:1 --out clay-model.safetensors
+  lora merge --lora a.safetensors:0.7 --lora b.safetensors:0.5 --out ab.safetensors [--rank 16]
+  lora resize clay.safetensors --rank 8 --out clay-r8.safetensors
+  lora info out/*.safetensors
+
+Exit codes: 0 done, 1 something failed (a picture, a file's health), 2 usage error or a file that does not
+fit, 130/143 stopped by Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorasmith.prep.cli import HelpFormatter, at_least, guarded, printable_output
+from lorasmith.train.sampling import ALIASES, SAMPLERS
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0,0.5,1, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    value = at_least(64)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+def _model(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
+                   help="base model: hub id or diffusers folder, as model.pretrained_model in presets")
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="text-to-image and image-to-image with LoRAs at weights",
+                       formatter_class=HelpFormatter, description=__doc__)
+    _model(g)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA and its weight (default 1; negative or above 1 allowed); repeat for several; "
+                        "a quoted glob gives every match")
+    g.add_argument("--lora-dir", action="append", type=Path, default=[], metavar="DIR",
+                   help="where <lora:NAME:W> tags in prompts are looked up (repeatable; default: the folders "
+                        "of the --lora files, then the current folder)")
+    g.add_argument("--prompt", default="", help="prompt; A1111 emphasis (a:1.2), [a], BREAK and <lora:NAME:W> work")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--prompts", type=Path, help="a file of prompts in Kohya's format (--n --w --h --d --l --s --ss "
+                                                "per line), instead of --prompt")
+    g.add_argument("--init-image", type=Path, metavar="FILE|DIR",
+                   help="image-to-image from this picture, or from every picture of this folder (names kept)")
+    g.add_argument("--strength", type=_fraction, default=0.5,
+                   help="image-to-image denoise strength: 0 keeps the picture, 1 ignores it; 0.4-0.6 restyles")
+    g.add_argument("--tags", action="store_true",
+                   help="append each init picture's WD14 tags to --prompt (needs --init-image and onnxruntime)")
+    g.add_argument("--tagger", default=None, help="WD14 model for --tags: hub id or folder "
+                                                  "(default SmilingWolf/wd-v1-4-convnext-tagger-v2)")
+    g.add_argument("--sampler", default="euler_a", choices=[*SAMPLERS, *ALIASES], metavar="NAME",
+                   help=f"sampler, as train-lora's sample_sampler: {', '.join(SAMPLERS)}")
+    g.add_argument("--seed", type=int, default=None, help="first seed; later pictures count up (default: random)")
+    g.add_argument("--n", type=at_least(1), default=1, help="pictures per prompt (and per init picture)")
+    g.add_argument("--steps", type=at_least(1), default=30, help="sampling steps")
+    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--w", type=_size, default=512, help="width; image-to-image keeps the picture's aspect at about w×h")
+    g.add_argument("--h", type=_size, default=512, help="height")
+    g.add_argument("--clip-skip", type=at_least(1), default=1,
+                   help="Kohya/A1111 convention: 1 = last layer, 2 = penultimate (anime models)")
+    g.add_argument("--sweep", action="store_true",
+                   help="one grid per prompt and seed: rows = the --lora files, columns = --weights; "
+                        "the LoRA weights given with the files are ignored")
+    g.add_argument("--weights", type=_weights, default=[0, 0.25, 0.5, 0.75, 1.0], metavar="W,W,...",
+                   help="the sweep's columns; 0 is the base model")
+    g.add_argument("--out", type=Path, default=Path("outputs"), help="folder for pictures and grids")
+    g.add_argument("--overwrite", action="store_true", help="redraw pictures that already exist with these settings")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="auto: fp16 on CUDA, fp32 on the CPU")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    m = sub.add_parser("merge", formatter_class=HelpFormatter,
+                       help="bake LoRAs into the base model, or merge several LoRAs into one file")
+    m.add_argument("--model", default=None, help="base model (hub id or diffusers folder): the LoRAs are baked into "
+                                                 "it; without it, the LoRAs are merged into one LoRA file")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]", help="a LoRA and its weight")
+    m.add_argument("--out", type=Path, required=True, help="the file (or diffusers folder) to write")
+    m.add_argument("--format", choices=["checkpoint", "diffusers"], default="checkpoint",
+                   help="with --model: one original-layout .safetensors (A1111, ComfyUI) or a diffusers folder")
+    m.add_argument("--rank", type=at_least(1), default=None,
+                   help="LoRA merge: SVD the summed ΔW to this rank (default: ranks concatenated, exact)")
+    m.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16",
+                   help="precision of the written tensors")
+    r = sub.add_parser("resize", formatter_class=HelpFormatter, help="SVD a LoRA to a lower rank")
+    r.add_argument("file", type=Path, help="the LoRA to resize (not changed)")
+    r.add_argument("--rank", type=at_least(1), required=True, help="the new rank (with --dynamic: the largest)")
+    r.add_argument("--dynamic", type=_fraction, default=None, metavar="SHARE",
+                   help="per module, the smallest rank keeping this share of ΔW's Frobenius norm, e.g. 0.9")
+    r.add_argument("--out", type=Path, default=None, help="output file (default: FILE-r<rank>.safetensors beside it)")
+    r.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16",
+                   help="precision of the written tensors")
+    i = sub.add_parser("info", formatter_class=HelpFormatter, help="what a LoRA file is, and whether it is healthy")
+    i.add_argument("files", type=Path, nargs="+", help="LoRA files")
+    i.add_argument("--model", default=None, help="check the names against this base model (default: the SD1.5 "
+                                                 "architecture, built without weights)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    printable_output()
+    from lorasmith.train.models import quiet_libraries
+
+    quiet_libraries()  # before diffusers is imported, which sets off bitsandbytes' notices
+    from lorasmith.captioning.hub import ModelNotFound
+    from lorasmith.use import commands
+    from lorasmith.use.jobs import JobError
+    from lorasmith.use.lorafile import LoraError
+
+    run = {"generate": commands.generate, "merge": commands.merge, "resize": commands.resize,
+           "info": commands.info}[args.command]
+    code, result = guarded("lora", "finished outputs are kept", (LoraError, JobError, ModelNotFound),
+                           lambda: run(args))
+    return code if code is not None else result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The bodies of `lora`'s subcommands: arguments in, files out, a short summary, an exit code."""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from lorasmith.use.jobs import JobError, expand_loras, plan_jobs
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, PRECISIONS[name])
+
+
+def _warn(lines) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _prompts(args) -> list:
+    from lorasmith.train.prompts import Prompt, read_prompts
+
+    defaults = Prompt("", args.negative, args.w, args.h, None, args.cfg, args.steps, None)
+    if args.prompts:
+        if args.prompt:
+            raise JobError("give --prompt or --prompts FILE, not both")
+        if not args.prompts.is_file():
+            raise JobError(f"--prompts {args.prompts}: no such file")
+        prompts, warnings = read_prompts(args.prompts, defaults)
+        _warn(warnings)
+        if not prompts:
+            raise JobError(f"--prompts {args.prompts} holds no prompt lines")
+        return prompts
+    if not args.prompt and not args.tags:
+        raise JobError("nothing to draw: give --prompt TEXT or --prompts FILE")
+    return [Prompt(args.prompt, args.negative, args.w, args.h, None, args.cfg, args.steps, None)]
+
+
+def _inits(path: Path | None) -> list[Path] | None:
+    from lorasmith.prep.layout import iter_images
+
+    if path is None:
+        return None
+    if path.is_dir():
+        found = list(iter_images(path))
+        if not found:
+            raise JobError(f"--init-image {path}: the folder holds no pictures")
+        return found
+    if not path.is_file():
+        raise JobError(f"--init-image {path}: no such file or folder")
+    return [path]
+
+
+def _with_tags(jobs, tagger_name: str | None, problems: list[str]) -> None:
+    """Each init picture's WD14 tags after the prompt, parentheses escaped so emphasis does not eat them."""
+    from lorasmith.captioning.wd14 import DEFAULT_WD14, Wd14Settings, Wd14Tagger
+    from lorasmith.prep.loading import PictureError, open_picture
+
+    tagger = Wd14Tagger(Wd14Settings(model=tagger_name or DEFAULT_WD14))
+    tags: dict[Path, str] = {}
+    for job in jobs:
+        if job.init not in tags:
+            try:
+                found = tagger.tag([open_picture(job.init).image])[0]
+            except PictureError as exc:
+                problems.append(f"{job.init}: {exc}; tagged with nothing")
+                found = []
+            tags[job.init] = ", ".join(t.replace("(", r"\(").replace(")", r"\)") for t in found)
+        job.prompt = replace(job.prompt, prompt=", ".join(p for p in (job.prompt.prompt, tags[job.init]) if p))
+
+
+def generate(args) -> int:
+    from functools import partial
+
+
+    from lorasmith.use.generate import Settings, contact_sheet, prepare, read_loras, run_jobs, sweep
+    from lorasmith.use.render import Renderer, model_hash, pick_device
+
+    if args.tags and args.init_image is None:
+        raise JobError("--tags tags the init pictures: give --init-image too")
+    files = expand_loras(args.lora)
+    if args.sweep and not files:
+        raise JobError("--sweep compares LoRA files: give at least one --lora")
+    folders = args.lora_dir or list(dict.fromkeys([p.parent for p, _ in files] + [Path(".")]))
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    jobs = plan_jobs(_prompts(args), [] if args.sweep else files, folders, seed, args.n, _inits(args.init_image),
+                     args.strength)
+    problems: list[str] = []
+    if args.tags:
+        _with_tags(jobs, args.tagger, problems)
+    loras = read_loras([p for p, _ in files] + [p for job in jobs for p in job.loras])
+    settings = Settings(args.model, args.out, args.sampler, args.clip_skip, args.device, args.precision,
+                        args.overwrite, not args.quiet)
+    device, dtype = pick_device(args.device, args.precision)
+    factory = partial(Renderer, args.model, device=device, dtype=dtype, clip_skip=args.clip_skip)
+    digest = model_hash(args.model)
+    prepare(jobs, settings)
+    if args.sweep:
+        if any(job.loras for job in jobs):
+            raise JobError("--sweep compares the --lora files: take the <lora:…> tags out of the prompts")
+        result = sweep(jobs, list(dict.fromkeys(p for p, _ in files)), args.weights, settings, factory, loras, digest,
+                       problems)
+        _warn(problems)
+        print(f"{len(result.grids)} sweep grid(s) written, {len(result.skipped)} already there, {len(problems)} "
+              f"problem(s) ({result.seconds:.1f} s): " + ", ".join(str(p) for p in result.grids + result.skipped))
+        return 1 if problems else 0
+    result, drawn = run_jobs(jobs, settings, factory, loras, digest, problems)
+    _warn(problems)
+    sheet = contact_sheet(drawn, settings, f"{Path(args.model.rstrip('/')).name}, {len(drawn)} pictures")
+    each = f", {result.seconds / len(result.written):.2f} s each" if result.written else ""
+    print(f"{len(result.written)} picture(s) written, {len(result.skipped)} already there (--overwrite redraws), "
+          f"{len(problems)} problem(s){each}; contact sheet {sheet}")
+    return 1 if problems else 0
+
+
+def merge(args) -> int:
+    from lorasmith.use.generate import read_loras
+    from lorasmith.use.lowrank import concatenate, svd_merge
+    from lorasmith.use.merge import kept_lines, lora_metadata, merge_checkpoint, write_lora
+
+    files = expand_loras(args.lora)
+    read = read_loras([p for p, _ in files])
+    loras = [(read[p], w) for p, w in files]
+    if args.model:
+        if args.rank:
+            raise JobError("--rank applies to merging LoRAs into one LoRA; leave out --model for that")
+        path, changed = merge_checkpoint(args.model, loras, args.out, args.format, _dtype(args.save_precision))
+        print(f"{len(loras)} LoRA(s) baked into {args.model} ({changed} layers changed): {path}")
+        return 0
+    if args.out.suffix != ".safetensors":
+        raise JobError(f"--out {args.out}: a merged LoRA is a .safetensors file")
+    report = []
+    if args.rank:
+        merged, report = svd_merge(loras, args.out.name, args.rank)
+        note = f"SVD merge to rank {args.rank}"
+    else:
+        merged = concatenate(loras, args.out.name)
+        note = "ranks concatenated (exact merge)"
+    write_lora(args.out, merged, lora_metadata(merged, loras, note), _dtype(args.save_precision))
+    if report:
+        print("\n".join(kept_lines(report)))
+    ranks = sorted({m.rank for m in merged.modules.values()})
+    print(f"{len(loras)} LoRA(s) merged into {args.out}: {len(merged.modules)} modules, rank "
+          f"{ranks[0]}{'–' + str(ranks[-1]) if len(ranks) > 1 else ''} ({note})")
+    return 0
+
+
+def resize(args) -> int:
+    from lorasmith.use.generate import read_loras
+    from lorasmith.use.lowrank import resize as resize_lora
+    from lorasmith.use.merge import kept_lines, lora_metadata, write_lora
+
+    lora = read_loras([args.file])[args.file]
+    out = args.out or args.file.with_name(f"{args.file.stem}-r{args.rank}{'d' if args.dynamic else ''}.safetensors")
+    if out.resolve() == args.file.resolve():
+        raise JobError(f"--out {out} is the input file; originals are never overwritten: choose another name")
+    resized, report = resize_lora(lora, args.rank, args.dynamic)
+    resized.name = out.name
+    note = (f"resized to rank ≤ {args.rank} keeping {args.dynamic:.0%} of each ΔW (Frobenius)" if args.dynamic
+            else f"resized to rank {args.rank}")
+    write_lora(out, resized, lora_metadata(resized, [(lora, 1.0)], note), _dtype(args.save_precision))
+    print("\n".join(kept_lines(report)))
+    print(f"wrote {out}")
+    return 0
+
+
+def info(args) -> int:
+    from safetensors import safe_open
+
+    from lorasmith.train.export import addnet_hashes
+    from lorasmith.use.apply import layer_table
+    from lorasmith.use.info import describe, reference_table
+    from lorasmith.use.lorafile import LoraError, family_hint, read_lora
+
+    model_table = None
+    if args.model:
+        from lorasmith.train.models import load_components, resolve_name
+
+        parts = load_components(resolve_name(args.model)[0], ("text_encoder", "unet"))
+        model_table = layer_table(parts.unet, parts.text_encoder)
+    references: dict[str, object] = {}
+    failed = 0
+    for path in args.files:
+        try:
+            lora = read_lora(path)
+        except LoraError as exc:
+            print(f"{path.name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            raw_keys = set(handle.keys())
+        family = family_hint(lora)
+        if model_table is None and family not in references:
+            references[family] = reference_table(family)
+        table = model_table if model_table is not None else references[family]
+        base = "this base model" if model_table is not None else "the SD1.5 architecture"
+        lines, problems = describe(path, lora, raw_keys, table, addnet_hashes(path.read_bytes())[0], base)
+        print("\n".join(lines))
+        failed += bool(problems)
+    return 1 if failed else 0

@@ -1,0 +1,128 @@
+"""`lora info`: what a LoRA file is, what it was trained on, and whether it is healthy — before a user
+spends an evening wondering why it does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from lorasmith.use.lorafile import Lora
+
+_BLOCK = re.compile(r"^lora_unet_((?:down|up)_blocks_\d+|mid_block|[a-z_]+?)(?:_|$)|^(lora_te\d?)_")
+
+
+def block_of(key: str) -> str:
+    """The block a module belongs to, for the rank/alpha table: `down_blocks.0`, `mid_block`, `te`."""
+    match = _BLOCK.match(key)
+    if not match:
+        return "other"
+    if match.group(2):
+        return {"lora_te": "text encoder", "lora_te1": "text encoder 1", "lora_te2": "text encoder 2"}[match.group(2)]
+    return match.group(1).replace("_blocks_", "_blocks.")
+
+
+def network_type(lora: Lora) -> str:
+    """LoCon when any convolution beyond 1×1 is adapted (Kohya's conv_dim), LoRA otherwise."""
+    spatial = any(m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1) for m in lora.modules.values())
+    return "LoCon (LoRA with 3×3 convolutions)" if spatial else "LoRA"
+
+
+def health(lora: Lora, raw_keys: set[str], table=None, base: str = "this base model") -> list[str]:
+    """Problems a loader would hit or a user would not see: non-finite values, untrained modules, missing
+    alphas, names no layer of the base model has."""
+    import torch
+
+    from lorasmith.use.apply import bind
+    from lorasmith.use.lorafile import LoraError
+
+    problems = []
+    bad = [k for k, m in lora.modules.items() if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
+    if bad:
+        problems.append(f"{len(bad)} modules hold NaN or infinite values (e.g. {bad[0]}): the file is broken")
+    zero = [k for k, m in lora.modules.items() if not m.up.any()]
+    if zero:
+        problems.append(f"{len(zero)} of {len(lora.modules)} modules have an all-zero up weight (untrained: they "
+                        f"change nothing), e.g. {zero[0]}")
+    if lora.format == "kohya":
+        missing = [k for k in lora.modules if f"{k}.alpha" not in raw_keys]
+        if missing:
+            problems.append(f"{len(missing)} modules have no .alpha; loaders then use alpha = rank (e.g. {missing[0]})")
+    if table is not None:
+        try:
+            bind(lora, table, base)
+        except LoraError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def reference_table(family: str):
+    """The SD1.5 architecture's layer names and shapes, built on the meta device (no weights, no download),
+    to check a file's names when no base model is given."""
+    if family != "SD1.x":
+        return None
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorasmith.train.tiny import SIZES
+    from lorasmith.use.apply import layer_table
+
+    spec = SIZES["sd15"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+        text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **spec["text"]))
+    return layer_table(unet, text)
+
+
+def _top_tags(metadata: dict[str, str], count: int = 10) -> list[tuple[str, int]]:
+    try:
+        folders = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        return []
+    total: Counter = Counter()
+    for tags in folders.values() if isinstance(folders, dict) else ():
+        total.update({t: int(n) for t, n in tags.items() if isinstance(n, (int, float))})
+    return total.most_common(count)
+
+
+def describe(path: Path, lora: Lora, raw_keys: set[str], table=None, computed_hash: str = "",
+             base: str = "this base model") -> tuple[list[str], list[str]]:
+    """(lines, problems) for one file."""
+    from lorasmith.use.lorafile import family_hint
+
+    meta = lora.metadata
+    unet = sum(1 for k in lora.modules if k.startswith("lora_unet_"))
+    lines = [f"{path.name}  ({path.stat().st_size / 1e6:.1f} MB, {lora.format} format)",
+             f"  base model family: {family_hint(lora)}" + (f"  (trained on {meta['ss_sd_model_name']})"
+                                                            if meta.get("ss_sd_model_name") else ""),
+             f"  network: {network_type(lora)}" + (f" ({meta['ss_network_module']})" if meta.get("ss_network_module") else "")
+             + "; "
+             f"{unet} UNet modules, {len(lora.modules) - unet} text-encoder modules"]
+    blocks: dict[str, set] = {}
+    for key, module in lora.modules.items():
+        blocks.setdefault(block_of(key), set()).add((module.rank, module.alpha))
+    for block, pairs in sorted(blocks.items()):
+        lines.append(f"    {block:<16} " + ", ".join(f"rank {r} alpha {a:g}" for r, a in sorted(pairs)))
+    trigger = meta.get("modelspec.trigger_phrase")
+    if trigger:
+        lines.append(f"  trigger phrase: {trigger}")
+    tags = _top_tags(meta)
+    if tags:
+        lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in tags))
+    training = [(label, meta.get(key)) for label, key in (("steps", "ss_steps"), ("epoch", "ss_epoch"),
+                ("of epochs", "ss_num_epochs"), ("resolution", "ss_resolution"), ("lr", "ss_learning_rate"),
+                ("clip skip", "ss_clip_skip"), ("images", "ss_num_train_images"))]
+    if any(v for _, v in training):
+        lines.append("  training: " + ", ".join(f"{label} {v}" for label, v in training if v))
+    stored = meta.get("sshs_model_hash", "")
+    if stored or computed_hash:
+        state = "" if not stored else (" (matches the tensors)" if stored == computed_hash else
+                                       " (does NOT match the tensors: the file was changed after saving)")
+        lines.append(f"  hashes: sshs_model_hash {stored or computed_hash}{state}; "
+                     f"legacy {meta.get('sshs_legacy_hash', '-')}")
+    problems = health(lora, raw_keys, table, base)
+    lines += [f"  health: {p}" for p in problems] or ["  health: ok"]
+    return lines, problems

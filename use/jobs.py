@@ -1,0 +1,131 @@
+"""What `lora generate` will draw, worked out before any model loads: LoRA arguments and A1111's in-prompt
+`<lora:NAME:WEIGHT>` tags resolved to files, one job per picture, stable output names.
+
+Names carry a short hash of everything that shapes the picture, so a second run with the same settings
+finds its pictures done and draws only the missing ones, while changed settings never overwrite.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasmith.train.prompts import Prompt
+
+LORA_TAG = re.compile(r"<(lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+SWEEP_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class JobError(ValueError):
+    """A LoRA argument or tag that names no file, or a weight that is not a number."""
+
+
+def _weight(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise JobError(f"{what}: weight {text!r} is not a number (write e.g. 0.8 or -0.5)") from None
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`FILE[:WEIGHT]` → (file or glob pattern, weight); the weight may be negative or above 1."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", weight.strip()):
+        return path, float(weight)
+    return text, 1.0
+
+
+def expand_loras(args: list[str]) -> list[tuple[Path, float]]:
+    """Every `--lora` argument as files; a glob (`out/clay-*.safetensors`) gives its matches in name order."""
+    found = []
+    for arg in args:
+        pattern, weight = parse_lora_arg(arg)
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise JobError(f"--lora {arg}: no file matches {pattern}")
+            found += [(Path(m), weight) for m in matches]
+        else:
+            found.append((Path(pattern), weight))
+    return found
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without its `<lora:NAME:W>` tags, and the tags as (NAME, W); W defaults to 1 as in A1111."""
+    tags = [(m.group(2).strip(), _weight(m.group(3), m.group(0)) if m.group(3) else 1.0)
+            for m in LORA_TAG.finditer(prompt)]
+    text = LORA_TAG.sub("", prompt)
+    text = re.sub(r"\s*,(\s*,)+", ",", text)
+    return re.sub(r"\s{2,}", " ", text).strip(" ,"), tags
+
+
+def resolve_tag(name: str, folders: list[Path]) -> Path:
+    """A tag's NAME as a file in the LoRA folders: NAME itself, NAME.safetensors, or a file of that stem below."""
+    for folder in folders:
+        for candidate in (folder / name, folder / f"{name}.safetensors"):
+            if candidate.is_file():
+                return candidate
+        below = sorted(folder.rglob(f"{glob.escape(name)}.safetensors")) if folder.is_dir() else []
+        if below:
+            return below[0]
+    where = ", ".join(str(f) for f in folders) or "no folder"
+    raise JobError(f"<lora:{name}> in the prompt names no file: looked for {name}.safetensors in {where} "
+                   "(point --lora-dir at the folder that holds it)")
+
+
+@dataclass
+class Job:
+    prompt: Prompt
+    """Its text without `<lora:…>` tags; the tags are in `loras`."""
+    seed: int
+    loras: dict[Path, float] = field(default_factory=dict)
+    init: Path | None = None
+    strength: float = 1.0
+    name: str = ""
+    """The output file's name."""
+
+
+def settings_key(job: Job, model: str, sampler: str, clip_skip: int) -> str:
+    """A short hash of everything that shapes the picture: equal keys, equal pictures."""
+    p = job.prompt
+    parts = [model, p.prompt, p.negative, p.width, p.height, p.scale, p.steps, p.sampler or sampler, clip_skip,
+             job.seed, job.strength, str(job.init or ""), sorted((str(k), v) for k, v in job.loras.items())]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:8]
+
+
+def plan_jobs(prompts: list[Prompt], loras: list[tuple[Path, float]], folders: list[Path], seed: int, count: int,
+              inits: list[Path] | None = None, strength: float = 1.0) -> list[Job]:
+    """One job per prompt × seed (× init picture). Prompt tags add to, or override, the command line's LoRAs."""
+    jobs = []
+    for prompt in prompts:
+        text, tags = split_lora_tags(prompt.prompt)
+        chosen = dict(loras)
+        chosen.update({resolve_tag(name, folders): weight for name, weight in tags})
+        base = prompt.seed if prompt.seed is not None else seed
+        for init in inits or [None]:
+            for k in range(count):
+                jobs.append(Job(Prompt(**{**prompt.__dict__, "prompt": text}), base + k, chosen, init, strength))
+    return jobs
+
+
+def name_jobs(jobs: list[Job], model: str, sampler: str, clip_skip: int) -> None:
+    """Pictures from an init picture keep its name; others are `<prompt #>-<seed>-<settings hash>.png`."""
+    numbers: dict[str, int] = {}
+    for job in jobs:
+        key = settings_key(job, model, sampler, clip_skip)
+        if job.init is not None:
+            job.name = f"{job.init.stem}-{job.seed}-{key}.png"
+        else:
+            index = numbers.setdefault(job.prompt.prompt, len(numbers))
+            job.name = f"{index:03d}-{job.seed}-{key}.png"
+
+
+def fit_size(size: tuple[int, int], width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+    """A picture's aspect ratio at about width × height pixels, sides multiples of `multiple`: an init picture
+    is redrawn at the size asked for without being squashed."""
+    w, h = size
+    scale = (width * height / (w * h)) ** 0.5
+    return (max(multiple, round(w * scale / multiple) * multiple), max(multiple, round(h * scale / multiple) * multiple))

@@ -1,0 +1,207 @@
+"""LoRA files in the formats users bring, read into one form: Kohya module names, down/up/alpha per module.
+
+lorasmith and Kohya's sd-scripts write `lora_unet_…`/`lora_te_…` with `.lora_down`/`.lora_up`/`.alpha`;
+diffusers and peft write `unet.<module path>.lora_A/.lora_B` with alpha in `lora_adapter_metadata` (or
+none: alpha = rank). Everything downstream — binding to a model, merging, resizing, inspecting — works on
+the Kohya names, so a file's format matters only here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasmith.train.export import text_key
+
+LYCORIS_MARKS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w2": "LoKr", "lora_mid": "LoCon with Tucker (lora_mid)",
+                 "dora_scale": "DoRA", "oft_blocks": "OFT", "diff": "full-difference (LyCORIS 'full')"}
+"""Tensor names of adapter types this reader does not turn into down/up pairs, for the refusal's wording."""
+_KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+_PEFT_ALPHA = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.alpha$")
+_TE_PREFIX = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be read or does not fit; the message is one sentence naming the file."""
+
+
+@dataclass
+class Module:
+    down: object
+    """[rank, in] for a linear layer, [rank, in, kh, kw] for a convolution."""
+    up: object
+    """[out, rank] or [out, rank, 1, 1]."""
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (int(self.up.shape[0]), *self.down.shape[1:])
+
+    def delta(self):
+        """ΔW = up · down · alpha / rank in float32, shaped like the layer's weight: the one source for merging,
+        resizing and the health checks."""
+        down, up = self.down.float().flatten(1), self.up.float().flatten(1)
+        return (up @ down * self.scale).reshape(self.weight_shape)
+
+
+@dataclass
+class Lora:
+    name: str
+    """The file's base name, for messages and generation parameters; never a path."""
+    modules: dict[str, Module]
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "kohya"
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+
+def _te_kohya(prefix: str, path: str) -> str:
+    key = text_key(path)
+    return key.replace("lora_te_", prefix + "_", 1)
+
+
+def _canonical(key: str) -> str:
+    """Kohya names some writers shorten: `lora_te_encoder_…` (no `text_model_`) is the same layer."""
+    return re.sub(r"^(lora_te\d?)_encoder_layers_", r"\1_text_model_encoder_layers_", key)
+
+
+def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
+    """Per component, diffusers' saved LoraConfig fields (`lora_alpha`, `alpha_pattern`), when present."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in packed.items():
+        component, _, name = key.partition(".")
+        out.setdefault(component, {})[name] = value
+    return out
+
+
+def _from_peft(tensors: dict, metadata: dict[str, str], name: str) -> dict[str, Module]:
+    configs, pairs, alphas = _peft_alphas(metadata), {}, {}
+    for key, tensor in tensors.items():
+        if match := _PEFT.match(key):
+            component, path, which = match.groups()
+            pairs.setdefault((component, path), {})[which] = tensor
+        elif match := _PEFT_ALPHA.match(key):
+            alphas[match.groups()] = float(tensor.item())
+        else:
+            raise LoraError(f"{name} holds {key!r}, which is neither a LoRA down/up weight nor an alpha")
+    modules = {}
+    for (component, path), pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise LoraError(f"{name}: {component}.{path} has only {', '.join(pair)}; a LoRA needs both A and B")
+        config = configs.get(component, {})
+        pattern = config.get("alpha_pattern") or {}
+        alpha = alphas.get((component, path), next((a for p, a in pattern.items() if path.endswith(p)),
+                                                   config.get("lora_alpha", pair["lora_A"].shape[0])))
+        try:
+            key = "lora_unet_" + path.replace(".", "_") if component == "unet" else _te_kohya(_TE_PREFIX[component], path)
+        except ValueError:
+            raise LoraError(f"{name}: no known text-encoder layer is called {path!r}") from None
+        modules[key] = Module(pair["lora_A"], pair["lora_B"], float(alpha))
+    return modules
+
+
+def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
+    parts: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        match = _KOHYA.match(key)
+        if not match:
+            raise LoraError(f"{name} holds {key!r}, which is not a Kohya LoRA key (<module>.lora_down.weight, "
+                            ".lora_up.weight or .alpha)")
+        parts.setdefault(_canonical(match.group(1)), {})[match.group(2)] = tensor
+    modules = {}
+    for key, part in parts.items():
+        if "lora_down.weight" not in part or "lora_up.weight" not in part:
+            raise LoraError(f"{name}: {key} lacks its {'lora_up' if 'lora_down.weight' in part else 'lora_down'} "
+                            "weight; the file is incomplete")
+        down, up = part["lora_down.weight"], part["lora_up.weight"]
+        # Without .alpha, Kohya's loaders and A1111 use alpha = rank (scale 1).
+        alpha = float(part["alpha"].item()) if "alpha" in part else float(down.shape[0])
+        modules[key] = Module(down, up, alpha)
+    return modules
+
+
+def adapter_type(keys) -> str | None:
+    """The LyCORIS/other adapter type whose tensors appear in `keys`, or None for plain LoRA."""
+    for key in keys:
+        for part in key.split(".")[1:]:
+            if part in LYCORIS_MARKS:
+                return LYCORIS_MARKS[part]
+    return None
+
+
+def parse_lora(tensors: dict, metadata: dict[str, str] | None, name: str) -> Lora:
+    """A file's tensors in whichever format, as Kohya-named modules; unknown content is a LoraError."""
+    metadata = dict(metadata or {})
+    if not tensors:
+        raise LoraError(f"{name} holds no tensors")
+    other = adapter_type(tensors)
+    if other:
+        raise LoraError(f"{name} is a {other} file; lorasmith reads LoRA and LoCon (lora_down/lora_up) files")
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+           for k in tensors):
+        raise LoraError(f"{name} is a full checkpoint, not a LoRA: pass it as --model")
+    if any(_PEFT.match(k) for k in tensors):
+        return Lora(name, _from_peft(tensors, metadata, name), metadata, "diffusers")
+    return Lora(name, _from_kohya(tensors, name), metadata, "kohya")
+
+
+def read_lora(path: Path) -> Lora:
+    """A `.safetensors` LoRA from disk, with one sentence naming the file if it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{path} does not exist")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraError(f"{path.name}: only .safetensors LoRA files are read (pickled .pt/.ckpt files can run code)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"{path.name} is not a readable safetensors file ({exc})") from None
+    return parse_lora(tensors, metadata, path.name)
+
+
+def kohya_tensors(lora: Lora, dtype=None) -> dict:
+    """The modules as Kohya's down/up/alpha triples, the layout every UI loads."""
+    import torch
+
+    out = {}
+    for key, module in sorted(lora.modules.items()):
+        out[f"{key}.lora_down.weight"] = module.down.to(dtype or module.down.dtype).contiguous()
+        out[f"{key}.lora_up.weight"] = module.up.to(dtype or module.up.dtype).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(module.alpha), dtype=dtype or torch.float32)
+    return out
+
+
+def family_hint(lora: Lora) -> str:
+    """The base model family a file was made for, from its metadata or else its shapes: for messages and `info`."""
+    version = lora.metadata.get("ss_base_model_version", "") + lora.metadata.get("modelspec.architecture", "")
+    for mark, family in (("sdxl", "SDXL"), ("xl-v1", "SDXL"), ("v2", "SD2.x"), ("sd_v1", "SD1.x"), ("v1", "SD1.x")):
+        if mark in version:
+            return family
+    if any(k.startswith("lora_te2_") for k in lora.modules):
+        return "SDXL"
+    widths = {int(m.down.shape[1]) for k, m in lora.modules.items() if k.endswith("attn2_to_k")}
+    return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(next(iter(widths), 0), "unknown")

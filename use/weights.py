@@ -1,0 +1,212 @@
+"""A1111 prompt emphasis and long prompts, so prompts pasted from AUTOMATIC1111 or civitai mean what they meant there.
+
+`(text)` ×1.1, `[text]` ÷1.1, `(text:1.5)` ×1.5, nesting multiplies, `\\(` `\\)` `\\[` `\\]` `\\\\` are literal
+characters and `BREAK` starts a new 75-token chunk. Parsing follows A1111's `parse_prompt_attention`, with
+these differences, chosen so that a typo is reported instead of silently changing the picture:
+
+- an unclosed or unmatched bracket raises `PromptError` (A1111 closes it at the end of the prompt or keeps it
+  as text), naming the character (counted from 1) and the fix;
+- `(text:1.2.3)` raises, where A1111 crashes; `(text:abc)` is, as in A1111, the text `text:abc` at ×1.1,
+  because only a number right before `)` is a weight;
+- `BREAK` inside brackets still breaks (A1111 multiplies its marker and then encodes the word "BREAK");
+- empty runs are dropped, and `("BREAK", -1.0)` markers are never multiplied or merged.
+
+A lone backslash before an ordinary character is dropped, and `[a:b:0.5]`, `[a|b]` and `<lora:…>` are plain
+text, all as in `parse_prompt_attention`: scheduling and extra networks are another layer's business.
+Chunking and weighting follow A1111's `sd_hijack_clip` with the "Original" emphasis.
+"""
+
+from __future__ import annotations
+
+import re
+
+BREAK = ("BREAK", -1.0)
+COMMA_BACKTRACK = 20
+"""A full chunk is cut after its last comma when that comma is this close to the end (A1111's default)."""
+
+_PIECE = re.compile(r"""
+    \\[()\[\]\\]                 # an escaped bracket or backslash: the literal character
+  | \\                           # a lone backslash: dropped
+  | \( | \[
+  | :\s*([+-]?[.\d]+)\s*\)       # ":1.5)" closes "(" with that multiplier
+  | \) | \]
+  | [^\\()\[\]:]+
+  | :
+""", re.X)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_LITERAL = {"(": "parenthesis", ")": "parenthesis", "[": "bracket", "]": "bracket"}
+
+
+class PromptError(ValueError):
+    """A prompt whose emphasis markup cannot be read; `index` is the 0-based offset of the culprit."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+def _is_break(run) -> bool:
+    return run[0] == BREAK[0] and run[1] == BREAK[1]
+
+
+def _parse(text: str, what: str) -> list[tuple[str, float]]:
+    runs: list[list] = []  # [text, weight, is_break]
+    opened = {"(": [], "[": []}  # bracket → stack of (character index, first run it covers)
+
+    def multiply(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            if not run[2]:
+                run[1] *= factor
+
+    def unmatched(char: str, at: int) -> PromptError:
+        opener = "(" if char == ")" else "["
+        return PromptError(f'unmatched "{char}" at character {at + 1} in the {what}: remove it, add a "{opener}" '
+                           f'before it, or write \\{char} for a literal {_LITERAL[char]}', at)
+
+    for m in _PIECE.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece.startswith("\\"):
+            runs.append([piece[1:], 1.0, False])
+        elif piece in opened:
+            opened[piece].append((m.start(), len(runs)))
+        elif weight is not None:
+            if not opened["("]:
+                raise unmatched(")", m.end() - 1)
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise PromptError(f'weight "{weight}" at character {m.start(1) + 1} in the {what} is not a number: '
+                                  f'write a single number, as in (text:1.2)', m.start(1)) from None
+            multiply(opened["("].pop()[1], factor)
+        elif piece in (")", "]"):
+            opener = "(" if piece == ")" else "["
+            if not opened[opener]:
+                raise unmatched(piece, m.start())
+            multiply(opened[opener].pop()[1], 1.1 if piece == ")" else 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(piece)):
+                if i:
+                    runs.append([*BREAK, True])
+                runs.append([part, 1.0, False])
+
+    left = sorted(at for stack in opened.values() for at, _ in stack)
+    if left:
+        char = text[left[0]]
+        closer = ")" if char == "(" else "]"
+        raise PromptError(f'unclosed "{char}" at character {left[0] + 1} in the {what}: close it with "{closer}", '
+                          f'or write \\{char} for a literal {_LITERAL[char]}', left[0])
+
+    merged: list[list] = []
+    for run in runs:
+        if not run[2] and not run[0]:
+            continue
+        if merged and not run[2] and not merged[-1][2] and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, w) for t, w, _ in merged] or [("", 1.0)]
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """(text, multiplier) runs as A1111 reads them, with ("BREAK", -1.0) between chunks; raises `PromptError`."""
+    return _parse(text, "prompt")
+
+
+def strip_weights(text: str) -> str:
+    """The words alone, for labels and captioners; `BREAK` stays, since it is structure, not emphasis.
+
+    Literal brackets come out unescaped: the result is text to show, not a prompt to parse again.
+    """
+    return "".join(" BREAK " if _is_break(run) else run[0] for run in parse_attention(text)).strip()
+
+
+def chunk_tokens(tokenizer, parsed) -> tuple[list[list[int]], list[list[float]]]:
+    """Token ids and multipliers per chunk of `model_max_length` positions (77 for CLIP), as A1111 packs them.
+
+    Each run is tokenized alone, as in A1111, so brackets split words. After the end token comes the
+    tokenizer's pad token, exactly what `tokenize` produces for the same short prompt.
+    """
+    size = tokenizer.model_max_length - 2
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    comma = tokenizer.get_vocab().get(",</w>")
+    texts = [text for text, weight in parsed if not _is_break((text, weight))]
+    tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+                     if texts else [])
+
+    ids: list[list[int]] = []
+    weights: list[list[float]] = []
+    chunk: list[int] = []
+    mults: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal chunk, mults, last_comma
+        rest = size - len(chunk)
+        ids.append([bos, *chunk, eos] + [pad] * rest)
+        weights.append([1.0, *mults, 1.0] + [1.0] * rest)
+        chunk, mults, last_comma = [], [], -1
+
+    for text, weight in parsed:
+        if _is_break((text, weight)):
+            close()
+            continue
+        for token in next(tokenized):
+            if token == comma:
+                last_comma = len(chunk)
+            elif len(chunk) == size and last_comma != -1 and size - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                carried, carried_mults = chunk[cut:], mults[cut:]
+                chunk, mults = chunk[:cut], mults[:cut]
+                close()
+                chunk, mults = carried, carried_mults
+            if len(chunk) == size:
+                close()
+            chunk.append(token)
+            mults.append(weight)
+    if chunk or not ids:
+        close()
+    return ids, weights
+
+
+def _padded(tokenizer, chunked, at_least: int):
+    ids, weights = chunked
+    if len(ids) < at_least:
+        (empty_ids,), (empty_weights,) = chunk_tokens(tokenizer, [("", 1.0)])
+        missing = at_least - len(ids)
+        ids, weights = ids + [empty_ids] * missing, weights + [empty_weights] * missing
+    return ids, weights
+
+
+def _encode(text_encoder, ids, weights, clip_skip: int):
+    import torch
+
+    from lorasmith.train.text import encode_prompts
+
+    device = next(text_encoder.parameters()).device
+    z = encode_prompts(text_encoder, torch.tensor(ids, dtype=torch.long, device=device), clip_skip)
+    # A1111's "Original" emphasis, chunk by chunk: scale each position, then restore the chunk's mean so that
+    # emphasis shifts attention between words instead of making the whole prompt louder.
+    before = z.mean(dim=(1, 2), keepdim=True)
+    z = z * torch.tensor(weights, dtype=z.dtype, device=z.device)[..., None]
+    after = z.mean(dim=(1, 2), keepdim=True)
+    z = z * torch.where(after == 0, torch.ones_like(after), before / after)
+    return z.reshape(1, -1, z.shape[-1])
+
+
+def encode_weighted(tokenizer, text_encoder, prompt: str, clip_skip: int = 1, chunks: int | None = None):
+    """[1, 77·k, dim] embeddings of a prompt of any length; `chunks` appends empty chunks up to that many."""
+    chunked = chunk_tokens(tokenizer, parse_attention(prompt))
+    return _encode(text_encoder, *_padded(tokenizer, chunked, chunks or 0), clip_skip)
+
+
+def encode_pair(tokenizer, text_encoder, positive: str, negative: str, clip_skip: int = 1):
+    """Positive and negative embeddings of equal length, as classifier-free guidance batches them together.
+
+    Both are parsed before anything is encoded, so a typo in either costs no encoder time.
+    """
+    pos = chunk_tokens(tokenizer, _parse(positive, "prompt"))
+    neg = chunk_tokens(tokenizer, _parse(negative, "negative prompt"))
+    k = max(len(pos[0]), len(neg[0]))
+    pos, neg = _padded(tokenizer, pos, k), _padded(tokenizer, neg, k)
+    return _encode(text_encoder, *pos, clip_skip), _encode(text_encoder, *neg, clip_skip)
