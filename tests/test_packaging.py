@@ -48,6 +48,7 @@ def test_the_wheel_holds_every_module(tmp_path):
         for module in (REPO / stage).rglob("*.py"):
             assert f"lorasmith/{module.relative_to(REPO).as_posix()}" in names
     assert not any(n.split("/")[0] in STAGES for n in names), "a stage leaked into site-packages top level"
+    assert {"lorasmith/train/clip/vocab.json", "lorasmith/train/clip/merges.txt"} <= names  # the shipped tokenizer
 
 
 def imports_of(path: Path) -> set[str]:
