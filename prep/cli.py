@@ -95,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="repeats per picture per epoch, see below (default: auto)")
     parser.add_argument("--min-side", type=at_least(64), default=512,
                         help="smallest output side (multiple of 64 at or above)")
-    parser.add_argument("--max-side", type=at_least(64), default=768,
-                        help="largest output side; 512 for 8 GB GPUs, 768 where VRAM allows")
+    parser.add_argument("--max-side", type=at_least(64), default=None,
+                        help="largest output side (default: 768), or 2048 with --area. SD1.x: 512 for 8 GB GPUs, "
+                             "768 where VRAM allows; SD2.x 768-v: --min-side 768 --max-side 1024")
+    parser.add_argument("--area", type=at_least(64), default=None, metavar="N",
+                        help="size by area instead, for SDXL (--area 1024): for each side the largest other side "
+                             "keeping the product within N² (Kohya's SDXL buckets), closest aspect ratio, sides "
+                             "between --min-side and --max-side")
     parser.add_argument("--crop", choices=CROP_MODES, default="center", help=CROP_HELP)
     parser.add_argument("--background", type=_colour, default="white",
                         help="colour laid under transparent pixels (name or #rrggbb)")
@@ -148,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         name = validate_name(args.name)
-        options = PrepOptions(args.min_side, args.max_side, args.crop, tuple(args.background), args.upscale,
-                              args.max_pixels)
+        max_side = args.max_side or (2048 if args.area else 768)
+        options = PrepOptions(args.min_side, max_side, args.crop, tuple(args.background), args.upscale,
+                              args.max_pixels, args.area)
         from lorasmith.prep.sizing import candidate_sizes
 
-        candidate_sizes(options.min_side, options.max_side)
+        candidate_sizes(options.min_side, options.max_side, area=options.area)
         validate_paths(args.src, args.dst)
         if args.dry_run:
             from lorasmith.prep.plan import plan_lines

@@ -28,9 +28,14 @@ class PrepOptions:
     background: tuple[int, int, int] = WHITE
     upscale: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    area: int | None = None
+    """Size by area (sides multiples of 64, product at most area²), as SDXL trains, instead of by sides alone."""
 
     def fingerprint(self) -> dict:
-        return {**asdict(self), "background": list(self.background), "format": "png-1"}
+        found = {**asdict(self), "background": list(self.background), "format": "png-1"}
+        if self.area is None:  # folders prepared before --area existed stay up to date
+            del found["area"]
+        return found
 
 
 @dataclass
@@ -88,7 +93,7 @@ def prepare_picture(source: Path, temp_output: Path, options: PrepOptions, outco
 
 def _prepare(source: Path, temp_output: Path, options: PrepOptions, outcome: Outcome) -> Outcome:
     def target_of(width: int, height: int) -> tuple[int, int]:
-        return choose_size(width, height, options.min_side, options.max_side)
+        return choose_size(width, height, options.min_side, options.max_side, options.area)
 
     def draft_for(width: int, height: int) -> tuple[int, int]:
         return draft_request(width, height, target_of(width, height))

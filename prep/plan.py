@@ -36,7 +36,7 @@ def plan_lines(src: Path, dst: Path, name: str, options: PrepOptions, repeats: i
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             lines.append(f"  {rel}: cannot be read ({type(exc).__name__}) — would be reported as failed")
             continue
-        target = choose_size(width, height, options.min_side, options.max_side)
+        target = choose_size(width, height, options.min_side, options.max_side, options.area)
         note = ""
         if is_small(width, height, options.min_side):
             note = "  [small: upscaled]" if options.upscale else "  [small: skipped]"

@@ -25,8 +25,14 @@ class Box:
         return [round(v, 2) for v in (self.left, self.top, self.right, self.bottom)]
 
 
-def candidate_sizes(min_side: int = 512, max_side: int = 768, step: int = STEP) -> list[tuple[int, int]]:
-    """Every (width, height) whose sides are multiples of `step` within [min_side, max_side]."""
+def candidate_sizes(min_side: int = 512, max_side: int = 768, step: int = STEP, area: int | None = None
+                    ) -> list[tuple[int, int]]:
+    """Every (width, height) whose sides are multiples of `step` within [min_side, max_side].
+
+    With `area` (SDXL: 1024), as Kohya's SDXL buckets: for each side, the largest other side that keeps the
+    product within area², and the transposes. Every size then uses nearly the whole area, so a 16:9 photo
+    trains at 1344×768 rather than at an exactly 16:9 but much smaller 1024×576.
+    """
     if min_side <= 0 or max_side < min_side:
         raise ValueError(f"need 0 < min_side <= max_side, got {min_side}, {max_side}")
     lo = math.ceil(min_side / step) * step
@@ -34,10 +40,19 @@ def candidate_sizes(min_side: int = 512, max_side: int = 768, step: int = STEP) 
     if lo > hi:
         raise ValueError(f"no multiple of {step} lies between {min_side} and {max_side}")
     sides = range(lo, hi + 1, step)
-    return [(w, h) for w in sides for h in sides]
+    if area is None:
+        return [(w, h) for w in sides for h in sides]
+    tallest = {w: max((h for h in sides if w * h <= area * area), default=None) for w in sides}
+    pairs = {(w, h) for w, h in tallest.items() if h is not None}
+    sizes = sorted(pairs | {(h, w) for w, h in pairs})
+    if not sizes:
+        raise ValueError(f"no size with sides of at least {lo} has an area of at most {area}²: lower --min-side "
+                         "or raise --area")
+    return sizes
 
 
-def choose_size(width: int, height: int, min_side: int = 512, max_side: int = 768) -> tuple[int, int]:
+def choose_size(width: int, height: int, min_side: int = 512, max_side: int = 768,
+                area: int | None = None) -> tuple[int, int]:
     """The training size for a `width`×`height` picture.
 
     The closest aspect ratio wins (compared in log space, so 2:1 and 1:2 are equally far from 1:1), which
@@ -55,7 +70,7 @@ def choose_size(width: int, height: int, min_side: int = 512, max_side: int = 76
         covers = w <= width and h <= height
         return (error, 0 if covers else 1, -(w * h) if covers else w * h)
 
-    return min(candidate_sizes(min_side, max_side), key=key)
+    return min(candidate_sizes(min_side, max_side, area=area), key=key)
 
 
 def is_small(width: int, height: int, min_side: int = 512) -> bool:

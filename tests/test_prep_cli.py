@@ -114,7 +114,7 @@ def test_help_lists_every_option_with_its_default_and_imports_no_torch():
                             ("--background", "white"), ("--repeats", "auto"), ("--max-pixels", "178956970")]:
         assert option in text
         assert f"(default: {default})" in " ".join(text.split())
-    for flag in ("--no-upscale", "--dry-run", "--strict", "--workers", "--quiet"):
+    for flag in ("--no-upscale", "--dry-run", "--strict", "--workers", "--quiet", "--area N"):
         assert flag in text
     assert "anime/illustration 7-15" in text
 
@@ -176,3 +176,13 @@ def test_readme_example_command(tmp_path):
         return style_score(grid.crop(cell_box(len(rows) - 1, column, rows, columns)).resize((64, 64), Image.LANCZOS))
 
     assert cell(4) > cell(0) + 0.15, (cell(0), cell(4))
+
+def test_area_mode_gives_sdxl_sizes(tmp_path):
+    make_image(tmp_path / "src" / "wide.png", size=(1500, 1000))
+    make_image(tmp_path / "src" / "square.png", size=(1100, 1100))
+    done = prep(tmp_path / "src", "--out", tmp_path / "out", "--name", "x", "--area", "1024", "--quiet")
+    assert done.returncode == 0, done.stderr
+    sizes = {p.stem: Image.open(p).size for p in (tmp_path / "out").glob("*_x/*.png")}
+    assert sizes == {"wide": (1216, 832), "square": (1024, 1024)}
+    report = json.loads((tmp_path / "out" / "prep_report.json").read_text(encoding="utf-8"))
+    assert report["options"]["area"] == 1024 and report["options"]["max_side"] == 2048

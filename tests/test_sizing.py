@@ -122,3 +122,30 @@ def test_auto_repeats(n, repeats):
 )
 def test_draft_request_keeps_twice_the_needed_size(size, target, wanted):
     assert draft_request(*size, target) == wanted
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((2000, 2000), (1024, 1024)),
+    ((1000, 1000), (1024, 1024)),  # the one square size
+    ((3000, 2000), (1216, 832)),   # 3:2 → Kohya's SDXL bucket for it
+    ((2000, 3000), (832, 1216)),
+    ((1920, 1080), (1344, 768)),   # 16:9 → 7:4, not the small but exact 1024×576
+    ((4000, 1000), (2048, 512)),   # a panorama: 4:1 fits 2048×512 = 1024²
+])
+def test_choose_size_by_area_as_sdxl_trains(size, expected):
+    w, h = choose_size(*size, 512, 2048, area=1024)
+    assert (w, h) == expected and w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0
+
+
+def test_area_sizes_are_kohyas_sdxl_buckets():
+    sizes = candidate_sizes(512, 2048, area=1024)
+    def tallest(side: int) -> int:
+        return min(2048, 1024 * 1024 // side // 64 * 64)
+
+    for w, h in sizes:  # each is the largest for one of its sides
+        assert w * h <= 1024 * 1024 and (h == tallest(w) or w == tallest(h))
+    for bucket in [(1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640), (2048, 512), (640, 1536)]:
+        assert bucket in sizes
+    assert (1024, 576) not in sizes  # not the largest height for its width
+    with pytest.raises(ValueError, match="raise --area"):
+        candidate_sizes(1024, 2048, area=512)
