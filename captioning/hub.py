@@ -39,7 +39,8 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or name.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")))
 
 
 def _how_to_provide(name: str) -> str:
@@ -64,8 +65,8 @@ def load_model(name: str, load: Callable[..., T], what: str) -> T:
             raise ModelNotFound(f"{what} folder {path} could not be loaded ({first}); it must hold a complete "
                                 "saved model: config, weights and processor/tokenizer files") from None
     if _looks_like_path(name):
-        raise ModelNotFound(f"{what} {name!r} not found: there is no such folder; pass the folder that holds a "
-                            "downloaded copy, or a hub id such as 'owner/model'")
+        raise ModelNotFound(f"{what} {name!r} not found: there is no such file or folder; pass the checkpoint "
+                            "file or the folder that holds a downloaded copy, or a hub id such as 'owner/model'")
     try:
         return load(name, local_files_only=True)
     except (OSError, ValueError):

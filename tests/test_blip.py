@@ -55,7 +55,7 @@ def test_cli_captions_a_training_root(tmp_path, tiny_blip):
     [
         ("Salesforce/blip-image-captioning-large", {"HF_HUB_OFFLINE": "1"},
          "BLIP model 'Salesforce/blip-image-captioning-large' is not in the local cache and offline mode is set"),
-        ("./no/such/folder", {}, "BLIP model './no/such/folder' not found: there is no such folder"),
+        ("./no/such/folder", {}, "BLIP model './no/such/folder' not found: there is no such file or folder"),
     ],
 )
 def test_missing_model_is_one_sentence_and_writes_nothing(tmp_path, model, env, message):

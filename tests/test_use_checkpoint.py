@@ -180,14 +180,28 @@ def test_fp16_halves_floats(tmp_path, state):
 
 
 def test_refusals(parts):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     unet, vae, text_encoder = parts
-    openclip = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                            num_attention_heads=2, vocab_size=10, hidden_act="gelu"))
-    with pytest.raises(ValueError, match="SD2"):
-        original_state_dict(unet, vae, openclip)
     extended = copy.deepcopy(unet)
     extended.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))  # e.g. an SDXL embedding
     with pytest.raises(ValueError, match="UNet weight 'extra'"):
         original_state_dict(extended, vae, text_encoder)
+
+
+def test_sd2_text_encoder_in_open_clip_layout_converts_back_through_diffusers():
+    """OpenCLIP's layout (q/k/v joined into in_proj) read back by diffusers' own convert_open_clip_checkpoint
+    gives every weight of the model exactly."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorasmith.use.checkpoint import OPEN_CLIP_PREFIX, text_state_dict
+
+    torch.manual_seed(0)
+    openclip = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                            num_attention_heads=2, vocab_size=10, hidden_act="gelu"))
+    state = text_state_dict(openclip)
+    assert all(k.startswith(OPEN_CLIP_PREFIX) for k in state)
+    assert state[OPEN_CLIP_PREFIX + "transformer.resblocks.1.attn.in_proj_weight"].shape == (48, 16)
+    back = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(openclip, state).items()}
+    expected = {k: v for k, v in openclip.state_dict().items() if not k.endswith("position_ids")}
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], expected[k]) for k in expected)

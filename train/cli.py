@@ -116,7 +116,7 @@ def _train(args, rank: int, log, held: dict):
     """Preset → plan → (unless --dry-run) lock, resume checks and the run; `held` keeps the config, state
     and lock for the messages and clean-up of main()."""
     from lorasmith.train.config import load_config
-    from lorasmith.train.models import resolve_name
+    from lorasmith.train.models import describe_base, resolve_name
     from lorasmith.train.state import check_resume, load_resume
     from lorasmith.train.trainer import plan_run, run
 
@@ -124,11 +124,12 @@ def _train(args, rank: int, log, held: dict):
     config.model.pretrained_model, notice = resolve_name(config.model.pretrained_model)
     if notice:
         log(f"note: {notice}")
+    base = describe_base(config.model.pretrained_model)  # a file that is no base model fails before the scan
     dataset, plan = plan_run(config)
     if rank == 0:
         for warning in dataset.warnings:
             log(f"warning: {warning}")
-        print("\n".join(plan.lines()), flush=True)
+        print("\n".join(([base] if base else []) + plan.lines()), flush=True)
     if args.dry_run:
         print("dry run: no model loaded, nothing written")
         return None
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorasmith.train.dataset import DatasetError
     from lorasmith.train.events import NonFiniteLoss, Preempted
     from lorasmith.train.signals import PREEMPTED_EXIT, Interrupted, StopSignals
+    from lorasmith.train.single_file import CheckpointError
     from lorasmith.train.state import SaveError, StateError
     from lorasmith.train.trainer import world
 
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         with StopSignals(None if rank == 0 else (lambda message: None)) as signals:
             signals.phase = "reading the preset and the dataset"
             result = _train(args, rank, log, held)
-    except (ConfigError, DatasetError, ModelNotFound, StateError, Busy) as exc:
+    except (ConfigError, DatasetError, ModelNotFound, StateError, Busy, CheckpointError) as exc:
         print(f"train-lora: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as stop:

@@ -55,7 +55,8 @@ def ranged(default, low=None, high=None, *, low_open=False, high_open=False, hin
 @dataclass
 class ModelConfig:
     pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """Hub id or local diffusers folder. The old runwayml/stable-diffusion-v1-5 id is mapped to this one."""
+    """Hub id, local diffusers folder or single-file checkpoint (.safetensors, .ckpt) in the original layout.
+    The old runwayml/stable-diffusion-v1-5 id is mapped to this one."""
     v_parameterization: bool = False
     """Only for v-prediction models (SD 2.x 768-v); normally read from the scheduler's config."""
 
@@ -325,7 +326,7 @@ def validate(config: Config) -> None:
          f"dataset.resolution = {d.resolution} must lie between dataset.min_bucket_reso = {d.min_bucket_reso} and "
          f"max_bucket_reso = {d.max_bucket_reso} (Kohya's rule: buckets range around the resolution)"),
         (bool(d.train_data_dir), "dataset.train_data_dir is empty: point it at the folder prep-images wrote"),
-        (bool(config.model.pretrained_model.strip()), "model.pretrained_model is empty: give a hub id or a folder"),
+        (bool(config.model.pretrained_model.strip()), "model.pretrained_model is empty: give a hub id, a folder or a checkpoint file"),
         (bool(o.output_dir.strip()), "output.output_dir is empty: give the folder the LoRA goes to"),
     ]
     for ok, message in checks:

@@ -41,13 +41,26 @@ def bucket_info(plan, dataset) -> dict:
     return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
+def is_v2(text_config) -> bool:
+    """SD2.x by its text encoder: OpenCLIP-H (1024 wide, gelu) where SD1.x has CLIP-L (768, quick_gelu)."""
+    return text_config.hidden_size == 1024 or text_config.hidden_act != "quick_gelu"
+
+
+def architecture(v2: bool, prediction_type: str) -> tuple[str, str]:
+    """(ss_base_model_version, modelspec.architecture) as Kohya's sd-scripts write them."""
+    if not v2:
+        return "sd_v1", "stable-diffusion-v1/lora"
+    return ("sd_v2", "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction"
+            else "stable-diffusion-v2-512/lora")
+
+
 def _dirs(items, folders: dict[str, int]) -> dict:
     return {name: {"n_repeats": repeats, "img_count": sum(1 for i in items if i.image.parent.name == name)}
             for name, repeats in folders.items()}
 
 
 def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float, prediction_type: str,
-                   session: str | None = None) -> dict[str, str]:
+                   session: str | None = None, v2: bool = False) -> dict[str, str]:
     """Every value names files by base name only, so the file can be shared as it is."""
     n, o, t, opt, d = config.network, config.output, config.training, config.optimizer, config.dataset
     network_args = {"conv_dim": n.conv_dim, "conv_alpha": n.conv_alpha} if n.conv_dim else {}
@@ -61,8 +74,8 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_training_finished_at": f"{time.time():.0f}",
         "ss_output_name": o.output_name,
         "ss_sd_model_name": model_name(config.model.pretrained_model),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": architecture(v2, prediction_type)[0],
+        "ss_v2": str(v2),
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": n.network_dim,
         "ss_network_alpha": n.network_alpha,
@@ -114,7 +127,7 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_reg_dataset_dirs": json.dumps(_dirs(dataset.reg_items, reg_folders)),
         "ss_tag_frequency": json.dumps(tag_frequency(dataset.items)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": architecture(v2, prediction_type)[1],
         "modelspec.implementation": "diffusers",
         "modelspec.title": o.output_name if epoch >= plan.epochs else f"{o.output_name}-{epoch:06d}",
         "modelspec.resolution": res,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lorasmith.captioning.hub import load_model
@@ -20,6 +21,8 @@ class Components:
     unet: Any
     scheduler: Any
     name: str
+    family: Any = None
+    """single_file.Family of a checkpoint file; None for a diffusers folder or hub id."""
 
 
 def quiet_libraries() -> None:
@@ -42,11 +45,14 @@ def resolve_name(name: str) -> tuple[str, str | None]:
 
 def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
                     ) -> Components:
-    """Each part from its subfolder, loaded once; parts not asked for stay None (and out of memory)."""
+    """Each part from its subfolder (or from one checkpoint file), loaded once; parts not asked for stay None
+    (and out of memory)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     quiet_libraries()
+    if Path(name).expanduser().is_file():
+        return _from_file(Path(name).expanduser(), name, parts)
     classes = {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
                "unet": UNet2DConditionModel, "scheduler": DDPMScheduler}
     loaded = {}
@@ -59,14 +65,57 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     return Components(name=name, **loaded)
 
 
+def _from_file(path: Path, name: str, parts: tuple[str, ...]) -> Components:
+    from lorasmith.train import from_file
+
+    tensors, shapes, family = from_file.open_checkpoint(path)
+    refuse_unsupported(family, path.name)
+    loaders = {"tokenizer": lambda: from_file.tokenizer_for(family),
+               "text_encoder": lambda: from_file.load_text_encoder(tensors, shapes, family, path.name),
+               "vae": lambda: from_file.load_vae(tensors, shapes, path.name),
+               "unet": lambda: from_file.load_unet(tensors, shapes, path.name),
+               "scheduler": lambda: from_file.scheduler_for(family)}
+    return Components(name=name, family=family, **{part: loaders[part]() if part in parts else None
+                                                   for part in loaders})
+
+
+def refuse_unsupported(family, file_name: str) -> None:
+    from lorasmith.train.single_file import CheckpointError
+
+    if family.name == "sdxl":
+        raise CheckpointError(f"{file_name} is an {family.label} checkpoint; train-lora and lora run SD1.x and SD2.x "
+                              "models so far: pass one of those")
+
+
+def describe_base(name: str) -> str | None:
+    """The plan's line for a checkpoint file: its family, read from tensor names and shapes alone (no weights
+    load); None for a folder or hub id. Raises CheckpointError for a file that is no base model."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return None
+    from lorasmith.train.from_file import open_checkpoint
+
+    family = open_checkpoint(path)[2]
+    refuse_unsupported(family, path.name)
+    return f"base model: {path.name}, a single-file {family.label} checkpoint"
+
+
 def check_clip_skip(name: str, skip: int) -> None:
     """clip_skip against the text encoder's depth, read from its config alone, before anything is cached."""
     from transformers import CLIPTextConfig
 
     from lorasmith.train.config import ConfigError
 
-    config = load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
-                        "base model (text_encoder)")
+    path = Path(name).expanduser()
+    if path.is_file():
+        from lorasmith.train.from_file import open_checkpoint
+        from lorasmith.train.single_file import text_configs
+
+        _, shapes, family = open_checkpoint(path)
+        config = CLIPTextConfig(**text_configs(shapes, family)[0])
+    else:
+        config = load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
+                            "base model (text_encoder)")
     if skip > config.num_hidden_layers:
         raise ConfigError(f"training.clip_skip = {skip} is more than the {config.num_hidden_layers} layers of this "
                           "model's text encoder: use 1 (realistic models) or 2 (anime models)")

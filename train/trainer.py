@@ -18,6 +18,7 @@ from lorasmith.train.config import Config, to_toml
 from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
 from lorasmith.train.events import NonFiniteLoss, RunEvents, RunPaths
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
+from lorasmith.train.metadata import is_v2
 from lorasmith.train.models import check_clip_skip
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
 from lorasmith.train.signals import StopSignals
@@ -146,6 +147,7 @@ class Trainer(RunEvents):
                 self.vae = None
             gc.collect()
         self.text_encoder = self._load("text_encoder").text_encoder
+        self.v2 = is_v2(self.text_encoder.config)
         self.text_cache = None
         if not self.train_text and d.cache_text_encoder_outputs and not d.shuffle_caption:
             everything = [*self.dataset.items, *self.dataset.reg_items, *self.dataset.validation]
@@ -369,7 +371,7 @@ class Trainer(RunEvents):
         text = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
         tensors = kohya_state_dict(unet, text, getattr(torch, SAVE_DTYPES[o.save_precision]))
         metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started, self.prediction,
-                                  self.run_id)
+                                  self.run_id, self.v2)
         path = Path(o.output_dir) / name
         try:
             save_lora(path, tensors, metadata)

@@ -109,13 +109,47 @@ def original_key(key: str, modules: dict[str, tuple[str, dict]], part: str) -> s
     raise ValueError(f"{part} weight {key!r} has no name in the original SD1.x/2.x layout")
 
 
+_OPEN_CLIP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+              "embeddings.position_embedding.weight": "positional_embedding",
+              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+
+def open_clip_state_dict(text_encoder) -> dict:
+    """SD2.x's text encoder in OpenCLIP's layout (`cond_stage_model.model.*`): the inverse of diffusers'
+    `convert_open_clip_checkpoint`, q/k/v joined into `in_proj`. diffusers keeps 23 of OpenCLIP-H's 24 blocks
+    (SD2 reads the penultimate one), so the file holds the 23 it has."""
+    weights = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()
+               if not k.endswith("position_ids")}
+    state = {OPEN_CLIP_PREFIX + _OPEN_CLIP[k]: weights.pop(k) for k in list(weights) if k in _OPEN_CLIP}
+    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
+    for i in layers:
+        inner, out = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            state[f"{out}attn.in_proj_{kind}"] = torch_cat([weights.pop(f"{inner}self_attn.{p}_proj.{kind}")
+                                                           for p in "qkv"])
+            for ours, theirs in _OPEN_CLIP_LAYER.items():
+                state[f"{out}{theirs}.{kind}"] = weights.pop(f"{inner}{ours}.{kind}")
+    if weights:
+        raise ValueError(f"text-encoder weight {next(iter(weights))!r} has no name in the SD2.x layout")
+    return state
+
+
+def torch_cat(tensors):
+    import torch
+
+    return torch.cat(tensors, 0)
+
+
 def text_state_dict(text_encoder) -> dict:
-    """CLIP under `text_model.*` whichever module layout transformers gave it (≥ 5.6 dropped the wrapper).
-    `position_ids` is a constant, not a weight; no loader needs it from the file."""
+    """CLIP under `text_model.*` whichever module layout transformers gave it (≥ 5.6 dropped the wrapper);
+    SD2.x's OpenCLIP (gelu, not CLIP-L's quick_gelu) in its own layout. `position_ids` is a constant, not a
+    weight; no loader needs it from the file."""
     config = text_encoder.config
     if getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
-        raise ValueError("SD2.x text encoders (OpenCLIP, `cond_stage_model.model.*` in the original layout) "
-                         "are not supported yet; only SD1.x's CLIP text encoder is")
+        return open_clip_state_dict(text_encoder)
     state = {}
     for key, tensor in text_encoder.state_dict().items():
         inner = key.removeprefix("text_model.")

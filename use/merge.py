@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from lorasmith.train.export import save_lora
-from lorasmith.train.metadata import model_name
+from lorasmith.train.metadata import architecture, is_v2, model_name
 from lorasmith.use.lorafile import Lora, kohya_tensors
 from lorasmith.use.lowrank import Kept
 
@@ -69,9 +69,10 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
     quiet_libraries()
     parts = load_components(resolve_name(model)[0])
     changed = merge_into({"unet": parts.unet, "text_encoder": parts.text_encoder}, loras)
+    family = architecture(is_v2(parts.text_encoder.config), parts.scheduler.config.prediction_type)[1]
     metadata = {"lorasmith_base_model": model_name(model), "lorasmith_merged_loras": inputs_metadata(loras),
-                "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
-                "modelspec.title": out.stem}
+                "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.removesuffix("/lora"),
+                "modelspec.prediction_type": parts.scheduler.config.prediction_type, "modelspec.title": out.stem}
     if fmt == "diffusers":
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
