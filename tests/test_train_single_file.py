@@ -146,3 +146,56 @@ def test_lora_generate_takes_a_single_file_model(base, tmp_path):
         (picture,) = [p for p in out.glob("0*.png")]
         pictures.append(np.asarray(Image.open(picture)).astype(int))
     assert np.abs(pictures[0] - pictures[1]).max() <= 1
+
+
+def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path):
+    """SDXL's layout (label_emb, CLIP-L and OpenCLIP-bigG under conditioner.embedders.0/1) written by lorasmith's
+    writer and loaded back: the UNet with its size/pooled-text conditioning and both encoders equal the models
+    written, within 1e-5. Training on SDXL is refused for now, in one sentence."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorasmith.train.single_file import CheckpointError
+    from lorasmith.train.tiny import SIZES
+    from lorasmith.use.checkpoint import original_state_dict, save_checkpoint
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=(1, 2),
+        use_linear_projection=True, transformer_layers_per_block=(1, 2), sample_size=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **SIZES["tiny"]["vae"])
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    clip_l = CLIPTextModel(CLIPTextConfig(**text, hidden_act="quick_gelu"))
+    big_g = CLIPTextModelWithProjection(CLIPTextConfig(**text, hidden_act="gelu"))
+    file = save_checkpoint(tmp_path / "xl.safetensors", original_state_dict(unet, vae, clip_l, big_g), {})
+    parts = load_components(str(file), ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet"),
+                            families=("sdxl",))
+    assert parts.family.name == "sdxl" and parts.tokenizer_2.pad_token == "!" and parts.tokenizer.pad_token != "!"
+    ids = torch.tensor([CAT + [49407] * 70])
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for loaded, original in ((parts.text_encoder, clip_l), (parts.text_encoder_2, big_g)):
+            for x, y in zip(loaded(ids, output_hidden_states=True).hidden_states, original(ids, output_hidden_states=True).hidden_states):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        torch.testing.assert_close(parts.text_encoder_2(ids).text_embeds, big_g(ids).text_embeds, atol=1e-5, rtol=0)
+        context = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(2))
+        added = {"text_embeds": torch.randn(2, 32, generator=torch.Generator().manual_seed(3)),
+                 "time_ids": torch.tensor([[1024.0, 768, 0, 32, 1024, 768]] * 2)}
+        torch.testing.assert_close(parts.unet(sample, 300, context, added_cond_kwargs=added).sample,
+                                   unet(sample, 300, context, added_cond_kwargs=added).sample, atol=1e-5, rtol=0)
+        torch.testing.assert_close(parts.vae.decode(sample).sample, vae.decode(sample).sample, atol=1e-5, rtol=0)
+    from lorasmith.train.tokenizer import OPENCLIP_PAD, clip_tokenizer
+
+    folder = tmp_path / "xl"
+    for sub, part in (("text_encoder_2", big_g), ("tokenizer_2", clip_tokenizer(OPENCLIP_PAD)), ("unet", unet)):
+        part.save_pretrained(folder / sub)
+    from_folder = load_components(str(folder), ("tokenizer_2", "text_encoder_2", "unet"))
+    assert from_folder.tokenizer_2("a photo of a cat").input_ids == CAT and from_folder.text_encoder is None
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder.text_encoder_2(ids).text_embeds, parts.text_encoder_2(ids).text_embeds,
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(CheckpointError, match=r"^xl.safetensors is an SDXL base checkpoint; train-lora and lora run "):
+        load_components(str(file), ("unet",))

@@ -293,3 +293,19 @@ def test_one_layer_named_twice_is_refused(table):
         tensors.update({f"{key}.lora_down.weight": pair[0], f"{key}.lora_up.weight": pair[1]})
     with pytest.raises(LoraError, match=r"^twice.safetensors holds two modules for one layer \(.*proj_in and .*proj_in\)"):
         bind(parse_lora(tensors, {}, "twice.safetensors"), table)
+
+
+def test_a_locon_file_on_the_fly_equals_its_merged_weights(tiny_sd, plain):
+    """3×3 ResNet convolutions (Kohya's conv_dim) go through peft's conv adapters like the linear ones."""
+    modules = random_modules(plain, 5, 4, lambda k: "resnets" in k and k.endswith(("conv1", "conv2")))
+    tensors = {}
+    for key, (down, up) in modules.items():
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+    lora = parse_lora(tensors, {}, "locon.safetensors")
+    assert all(m.down.shape[2:] == (3, 3) for m in lora.modules.values())
+    live, merged = pipeline(tiny_sd), pipeline(tiny_sd)
+    load_adapters(live, {"c": lora})
+    activate(live, {"c": 0.6})
+    merge_into({"unet": merged.unet, "text_encoder": merged.text_encoder}, [(lora, 0.6)])
+    for x, y in zip(outputs(live.unet, live.text_encoder), outputs(merged.unet, merged.text_encoder)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

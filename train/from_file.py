@@ -105,6 +105,20 @@ def load_text_encoder(tensors: Mapping, shapes: Mapping, family: Family, name: s
     return _fill(model, weights, "text encoder", name)
 
 
+def load_text_encoder_2(tensors: Mapping, shapes: Mapping, family: Family, name: str):
+    """SDXL's second text encoder, OpenCLIP-bigG with its projection (the UNet takes its pooled output)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lorasmith.train.single_file import XL_OPEN_CLIP
+
+    model = _build(CLIPTextModelWithProjection, config=CLIPTextConfig(**text_configs(shapes, family)[1]))
+    weights = convert_open_clip_checkpoint(model, tensors, prefix=XL_OPEN_CLIP)
+    if not hasattr(model, "text_model"):
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    return _fill(model, weights, "second text encoder", name)
+
+
 def load_vae(tensors: Mapping, shapes: Mapping, name: str):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -125,10 +139,11 @@ def load_unet(tensors: Mapping, shapes: Mapping, name: str):
     return _fill(model, convert_ldm_unet_checkpoint(tensors, model.config), "UNet", name)
 
 
-def tokenizer_for(family: Family):
+def tokenizer_for(family: Family, second: bool = False):
+    """CLIP's tokenizer padded as the family's encoder was trained: OpenCLIP (SD2.x, SDXL's second) with `!`."""
     from lorasmith.train.tokenizer import OPENCLIP_PAD, clip_tokenizer
 
-    return clip_tokenizer(OPENCLIP_PAD if family.name == "sd2" else "<|endoftext|>")
+    return clip_tokenizer(OPENCLIP_PAD if family.name == "sd2" or second else "<|endoftext|>")
 
 
 def scheduler_for(family: Family):

@@ -23,6 +23,9 @@ class Components:
     name: str
     family: Any = None
     """single_file.Family of a checkpoint file; None for a diffusers folder or hub id."""
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    """SDXL's second text encoder (OpenCLIP-bigG with projection) and its tokenizer."""
 
 
 def quiet_libraries() -> None:
@@ -43,20 +46,21 @@ def resolve_name(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-                    ) -> Components:
+def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler"),
+                    families: tuple[str, ...] = ("sd1", "sd2")) -> Components:
     """Each part from its subfolder (or from one checkpoint file), loaded once; parts not asked for stay None
     (and out of memory)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_libraries()
     if Path(name).expanduser().is_file():
-        return _from_file(Path(name).expanduser(), name, parts)
+        return _from_file(Path(name).expanduser(), name, parts, families)
     classes = {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
-               "unet": UNet2DConditionModel, "scheduler": DDPMScheduler}
+               "unet": UNet2DConditionModel, "scheduler": DDPMScheduler, "tokenizer_2": CLIPTokenizer,
+               "text_encoder_2": CLIPTextModelWithProjection}
     loaded = {}
-    for part in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"):
+    for part in classes:
         if part in parts:
             loader = functools.partial(classes[part].from_pretrained, subfolder=part)
             loaded[part] = load_model(name, loader, f"base model ({part})")
@@ -65,24 +69,28 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     return Components(name=name, **loaded)
 
 
-def _from_file(path: Path, name: str, parts: tuple[str, ...]) -> Components:
+def _from_file(path: Path, name: str, parts: tuple[str, ...], families: tuple[str, ...]) -> Components:
     from lorasmith.train import from_file
 
     tensors, shapes, family = from_file.open_checkpoint(path)
-    refuse_unsupported(family, path.name)
+    refuse_unsupported(family, path.name, families)
+    sdxl = family.name == "sdxl"
     loaders = {"tokenizer": lambda: from_file.tokenizer_for(family),
                "text_encoder": lambda: from_file.load_text_encoder(tensors, shapes, family, path.name),
                "vae": lambda: from_file.load_vae(tensors, shapes, path.name),
                "unet": lambda: from_file.load_unet(tensors, shapes, path.name),
-               "scheduler": lambda: from_file.scheduler_for(family)}
+               "scheduler": lambda: from_file.scheduler_for(family),
+               "tokenizer_2": lambda: from_file.tokenizer_for(family, second=True) if sdxl else None,
+               "text_encoder_2": lambda: from_file.load_text_encoder_2(tensors, shapes, family, path.name)
+               if sdxl else None}
     return Components(name=name, family=family, **{part: loaders[part]() if part in parts else None
                                                    for part in loaders})
 
 
-def refuse_unsupported(family, file_name: str) -> None:
+def refuse_unsupported(family, file_name: str, families: tuple[str, ...] = ("sd1", "sd2")) -> None:
     from lorasmith.train.single_file import CheckpointError
 
-    if family.name == "sdxl":
+    if family.name not in families:
         raise CheckpointError(f"{file_name} is an {family.label} checkpoint; train-lora and lora run SD1.x and SD2.x "
                               "models so far: pass one of those")
 

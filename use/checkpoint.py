@@ -18,7 +18,11 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+"""The last two exist in SDXL's UNet only: its size/crop and pooled-text embedding."""
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                 "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -106,7 +110,7 @@ def original_key(key: str, modules: dict[str, tuple[str, dict]], part: str) -> s
             module, param = ".".join(parts[cut:-1]), parts[-1]
             module = inner.get(module, module)
             return ".".join(p for p in (ldm, module, param) if p)
-    raise ValueError(f"{part} weight {key!r} has no name in the original SD1.x/2.x layout")
+    raise ValueError(f"{part} weight {key!r} has no name in the original layout")
 
 
 _OPEN_CLIP = {"embeddings.token_embedding.weight": "token_embedding.weight",
@@ -117,16 +121,19 @@ _OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1"
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 
-def open_clip_state_dict(text_encoder) -> dict:
+def open_clip_state_dict(text_encoder, prefix: str = None) -> dict:
     """SD2.x's text encoder in OpenCLIP's layout (`cond_stage_model.model.*`): the inverse of diffusers'
     `convert_open_clip_checkpoint`, q/k/v joined into `in_proj`. diffusers keeps 23 of OpenCLIP-H's 24 blocks
     (SD2 reads the penultimate one), so the file holds the 23 it has."""
+    prefix = prefix or OPEN_CLIP_PREFIX
     weights = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()
                if not k.endswith("position_ids")}
-    state = {OPEN_CLIP_PREFIX + _OPEN_CLIP[k]: weights.pop(k) for k in list(weights) if k in _OPEN_CLIP}
+    state = {prefix + _OPEN_CLIP[k]: weights.pop(k) for k in list(weights) if k in _OPEN_CLIP}
+    if "text_projection.weight" in weights:  # SDXL's bigG: OpenCLIP multiplies by it, Linear by its transpose
+        state[prefix + "text_projection"] = weights.pop("text_projection.weight").T.contiguous()
     layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
     for i in layers:
-        inner, out = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        inner, out = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             state[f"{out}attn.in_proj_{kind}"] = torch_cat([weights.pop(f"{inner}self_attn.{p}_proj.{kind}")
                                                            for p in "qkv"])
@@ -143,7 +150,7 @@ def torch_cat(tensors):
     return torch.cat(tensors, 0)
 
 
-def text_state_dict(text_encoder) -> dict:
+def text_state_dict(text_encoder, prefix: str = TEXT_PREFIX) -> dict:
     """CLIP under `text_model.*` whichever module layout transformers gave it (≥ 5.6 dropped the wrapper);
     SD2.x's OpenCLIP (gelu, not CLIP-L's quick_gelu) in its own layout. `position_ids` is a constant, not a
     weight; no loader needs it from the file."""
@@ -157,12 +164,13 @@ def text_state_dict(text_encoder) -> dict:
             continue
         if not inner.startswith(_TEXT_PARTS):
             raise ValueError(f"text-encoder weight {key!r} has no name in the SD1.x layout")
-        state[TEXT_PREFIX + inner] = tensor
+        state[prefix + inner] = tensor
     return state
 
 
-def original_state_dict(unet, vae, text_encoder) -> dict:
-    """The parts' weights under the original single-file key names (contiguous, CPU, dtype kept)."""
+def original_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict:
+    """The parts' weights under the original single-file key names (contiguous, CPU, dtype kept). With
+    `text_encoder_2`, SDXL's layout: CLIP-L and OpenCLIP-bigG under `conditioner.embedders.0/1`."""
     state = {}
     for model, prefix, modules, part in ((unet, UNET_PREFIX, unet_modules(unet), "UNet"),
                                          (vae, VAE_PREFIX, vae_modules(vae), "VAE")):
@@ -173,7 +181,11 @@ def original_state_dict(unet, vae, text_encoder) -> dict:
             if part == "VAE" and ".mid.attn_" in name and name.endswith(_VAE_CONV_WEIGHTS) and tensor.ndim == 2:
                 tensor = tensor[:, :, None, None]
             state[prefix + name] = tensor
-    state.update(text_state_dict(text_encoder))
+    if text_encoder_2 is None:
+        state.update(text_state_dict(text_encoder))
+    else:
+        state.update(text_state_dict(text_encoder, XL_CLIP_PREFIX))
+        state.update(open_clip_state_dict(text_encoder_2, XL_OPEN_CLIP_PREFIX))
     return {key: tensor.detach().to("cpu").contiguous() for key, tensor in state.items()}
 
 
