@@ -192,10 +192,12 @@ def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path):
     folder = tmp_path / "xl"
     for sub, part in (("text_encoder_2", big_g), ("tokenizer_2", clip_tokenizer(OPENCLIP_PAD)), ("unet", unet)):
         part.save_pretrained(folder / sub)
-    from_folder = load_components(str(folder), ("tokenizer_2", "text_encoder_2", "unet"))
+    from_folder = load_components(str(folder), ("tokenizer_2", "text_encoder_2", "unet"), families=("sdxl",))
     assert from_folder.tokenizer_2("a photo of a cat").input_ids == CAT and from_folder.text_encoder is None
     with torch.no_grad():
         torch.testing.assert_close(from_folder.text_encoder_2(ids).text_embeds, parts.text_encoder_2(ids).text_embeds,
                                    atol=1e-5, rtol=0)
+    with pytest.raises(CheckpointError, match=r"is an SDXL model \(it has text_encoder_2\)"):
+        load_components(str(folder), ("unet",))
     with pytest.raises(CheckpointError, match=r"^xl.safetensors is an SDXL base checkpoint; train-lora and lora run "):
         load_components(str(file), ("unet",))

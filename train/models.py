@@ -56,6 +56,11 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     quiet_libraries()
     if Path(name).expanduser().is_file():
         return _from_file(Path(name).expanduser(), name, parts, families)
+    if "sdxl" not in families and (Path(name).expanduser() / "text_encoder_2").is_dir():
+        from lorasmith.train.single_file import CheckpointError
+
+        raise CheckpointError(f"{name} is an SDXL model (it has text_encoder_2); train-lora and lora run SD1.x and "
+                              "SD2.x models so far: pass one of those")
     classes = {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
                "unet": UNet2DConditionModel, "scheduler": DDPMScheduler, "tokenizer_2": CLIPTokenizer,
                "text_encoder_2": CLIPTextModelWithProjection}
