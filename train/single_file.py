@@ -57,6 +57,19 @@ def _single_file_utils():
     return single_file_utils
 
 
+def _torch_load(path: Path):
+    """Memory-mapped where the format allows (torch's zip format), so a run that loads its parts one at a time
+    reads only the tensors each part uses; the legacy format is read whole."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error).lower() and "zip" not in str(error).lower():
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors by original key. A `.ckpt` is unpickled with weights_only, so a file that needs code to
     load is refused rather than run; its `global_step`, which the v-prediction rule reads, is kept as a tensor."""
@@ -72,7 +85,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path.name} is not a readable .safetensors file ({error}): "
                                   "download it again") from error
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = _torch_load(path)
     except Exception as error:
         if "Unsupported global" in str(error):
             raise CheckpointError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorasmith.train.export import text_key
-from lorasmith.use.lorafile import Lora, LoraError, family_hint
+from lorasmith.use.lorafile import FAMILY_BY_CONTEXT, Lora, LoraError, family_hint
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _original_aliases(unet, table: dict[str, Layer]) -> dict[str, Layer]:
 
 def model_family(table: dict[str, Layer]) -> str:
     width = next((layer.shape[1] for key, layer in table.items() if key.endswith("attn2_to_k")), 0)
-    return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(width, "")
+    return FAMILY_BY_CONTEXT.get(width, "")
 
 
 def _rename(key: str, table: dict[str, Layer]) -> str:

@@ -125,6 +125,8 @@ def open_clip_state_dict(text_encoder, prefix: str = None) -> dict:
     """SD2.x's text encoder in OpenCLIP's layout (`cond_stage_model.model.*`): the inverse of diffusers'
     `convert_open_clip_checkpoint`, q/k/v joined into `in_proj`. diffusers keeps 23 of OpenCLIP-H's 24 blocks
     (SD2 reads the penultimate one), so the file holds the 23 it has."""
+    import torch
+
     prefix = prefix or OPEN_CLIP_PREFIX
     weights = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()
                if not k.endswith("position_ids")}
@@ -135,19 +137,13 @@ def open_clip_state_dict(text_encoder, prefix: str = None) -> dict:
     for i in layers:
         inner, out = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
-            state[f"{out}attn.in_proj_{kind}"] = torch_cat([weights.pop(f"{inner}self_attn.{p}_proj.{kind}")
-                                                           for p in "qkv"])
+            state[f"{out}attn.in_proj_{kind}"] = torch.cat([weights.pop(f"{inner}self_attn.{p}_proj.{kind}")
+                                                            for p in "qkv"])
             for ours, theirs in _OPEN_CLIP_LAYER.items():
                 state[f"{out}{theirs}.{kind}"] = weights.pop(f"{inner}{ours}.{kind}")
     if weights:
         raise ValueError(f"text-encoder weight {next(iter(weights))!r} has no name in the SD2.x layout")
     return state
-
-
-def torch_cat(tensors):
-    import torch
-
-    return torch.cat(tensors, 0)
 
 
 def text_state_dict(text_encoder, prefix: str = TEXT_PREFIX) -> dict:

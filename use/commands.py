@@ -171,8 +171,6 @@ def resize(args) -> int:
 
 
 def info(args) -> int:
-    from safetensors import safe_open
-
     from lorasmith.train.export import addnet_hashes
     from lorasmith.use.apply import layer_table
     from lorasmith.use.info import describe, reference_table
@@ -193,14 +191,12 @@ def info(args) -> int:
             print(f"{path.name}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        with safe_open(str(path), framework="pt") as handle:
-            raw_keys = set(handle.keys())
         family = family_hint(lora)
         if model_table is None and family not in references:
             references[family] = reference_table(family)
         table = model_table if model_table is not None else references[family]
         base = "this base model" if model_table is not None else "the SD1.5 architecture"
-        lines, problems = describe(path, lora, raw_keys, table, addnet_hashes(path.read_bytes())[0], base)
+        lines, problems = describe(path, lora, table, addnet_hashes(path.read_bytes())[0], base)
         print("\n".join(lines))
         failed += bool(problems)
     return 1 if failed else 0

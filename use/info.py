@@ -30,7 +30,7 @@ def network_type(lora: Lora) -> str:
     return "LoCon (LoRA with 3×3 convolutions)" if spatial else "LoRA"
 
 
-def health(lora: Lora, raw_keys: set[str], table=None, base: str = "this base model") -> list[str]:
+def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
     """Problems a loader would hit or a user would not see: non-finite values, untrained modules, missing
     alphas, names no layer of the base model has."""
     import torch
@@ -47,7 +47,7 @@ def health(lora: Lora, raw_keys: set[str], table=None, base: str = "this base mo
         problems.append(f"{len(zero)} of {len(lora.modules)} modules have an all-zero up weight (untrained: they "
                         f"change nothing), e.g. {zero[0]}")
     if lora.format == "kohya":
-        missing = [k for k in lora.modules if f"{k}.alpha" not in raw_keys]
+        missing = [k for k, m in lora.modules.items() if not m.alpha_given]
         if missing:
             problems.append(f"{len(missing)} modules have no .alpha; loaders then use alpha = rank (e.g. {missing[0]})")
     if table is not None:
@@ -88,7 +88,7 @@ def _top_tags(metadata: dict[str, str], count: int = 10) -> list[tuple[str, int]
     return total.most_common(count)
 
 
-def describe(path: Path, lora: Lora, raw_keys: set[str], table=None, computed_hash: str = "",
+def describe(path: Path, lora: Lora, table=None, computed_hash: str = "",
              base: str = "this base model") -> tuple[list[str], list[str]]:
     """(lines, problems) for one file."""
     from lorasmith.use.lorafile import family_hint
@@ -123,6 +123,6 @@ def describe(path: Path, lora: Lora, raw_keys: set[str], table=None, computed_ha
                                        " (does NOT match the tensors: the file was changed after saving)")
         lines.append(f"  hashes: sshs_model_hash {stored or computed_hash}{state}; "
                      f"legacy {meta.get('sshs_legacy_hash', '-')}")
-    problems = health(lora, raw_keys, table, base)
+    problems = health(lora, table, base)
     lines += [f"  health: {p}" for p in problems] or ["  health: ok"]
     return lines, problems

@@ -24,6 +24,10 @@ _PEFT_ALPHA = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.alpha$")
 _TE_PREFIX = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 
 
+FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+"""The width of the text the UNet's cross-attention reads (attn2.to_k's input), per family."""
+
+
 class LoraError(ValueError):
     """A LoRA file that cannot be read or does not fit; the message is one sentence naming the file."""
 
@@ -35,6 +39,8 @@ class Module:
     up: object
     """[out, rank] or [out, rank, 1, 1]."""
     alpha: float
+    alpha_given: bool = True
+    """False when the file had no `.alpha` and alpha = rank was assumed, as Kohya's loaders do."""
 
     @property
     def rank(self) -> int:
@@ -136,7 +142,7 @@ def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
         down, up = part["lora_down.weight"], part["lora_up.weight"]
         # Without .alpha, Kohya's loaders and A1111 use alpha = rank (scale 1).
         alpha = float(part["alpha"].item()) if "alpha" in part else float(down.shape[0])
-        modules[key] = Module(down, up, alpha)
+        modules[key] = Module(down, up, alpha, "alpha" in part)
     return modules
 
 
@@ -204,4 +210,4 @@ def family_hint(lora: Lora) -> str:
     if any(k.startswith("lora_te2_") for k in lora.modules):
         return "SDXL"
     widths = {int(m.down.shape[1]) for k, m in lora.modules.items() if k.endswith("attn2_to_k")}
-    return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(next(iter(widths), 0), "unknown")
+    return FAMILY_BY_CONTEXT.get(next(iter(widths), 0), "unknown")
