@@ -135,6 +135,14 @@ def tiny_sd(tmp_path_factory) -> Path:
     return build_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
+@pytest.fixture(scope="session")
+def tiny_xl(tmp_path_factory) -> Path:
+    """A random-weight SDXL base folder (two text encoders, CLIP's real tokenizers), shared by the session."""
+    from lorasmith.train.tiny import build_sd
+
+    return build_sd(tmp_path_factory.mktemp("tiny-xl"), "tiny-xl")
+
+
 def small_dataset(root: Path, images: int = 3, repeats: int = 10, size=(128, 128), captions: bool = True) -> Path:
     """A training root with one repeat folder of distinct pictures and (optionally) captions."""
     folder = root / f"{repeats}_clay"

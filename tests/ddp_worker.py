@@ -15,5 +15,6 @@ config = load_config(Path(sys.argv[1]))
 resume = load_resume(config, sys.argv[3]) if len(sys.argv) > 3 else None
 result, plan = run(config, progress=False, resume=resume)
 rank, processes = world()
-save_file(kohya_state_dict(result.unet, result.text_encoder), str(Path(sys.argv[2]) / f"rank{rank}.safetensors"),
+save_file(kohya_state_dict(result.unet, result.text_encoders or None, family=result.family),
+          str(Path(sys.argv[2]) / f"rank{rank}.safetensors"),
           metadata={"processes": str(processes), "steps": str(len(result.losses)), "total": str(plan.total_steps)})

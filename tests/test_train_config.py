@@ -55,6 +55,9 @@ def test_sd15_presets_follow_the_usual_advice(tmp_path):
         ("[training]\nmax_train_steps = 1e4\nmax_train_epochs = 2.5\n", "max_train_epochs = 2.5 must be int"),
         ("[optimizer]\nlearning_rate = nan\n", "optimizer.learning_rate = nan must be a finite number"),
         ("[dataset\n", "not valid TOML"),
+        ("[model]\nv_parameterization = true\nprediction_type = 'epsilon'\n",
+         'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
+        ("[model]\nprediction_type = 'v'\n", "model.prediction_type = 'v' is not one of 'auto'"),
     ],
 )
 def test_strict_errors_name_the_file_and_key(tmp_path, text, message):
@@ -100,3 +103,13 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "unknown key network.rank" in done.stderr
+
+
+def test_sdxl_presets_train_at_1024_with_kohyas_sdxl_advice(tmp_path):
+    paths = [p for p in PRESETS if p.name.startswith("sdxl")]
+    assert [p.name for p in paths] == ["sdxl-character.toml", "sdxl-style.toml"]
+    for path in paths:
+        c = load_config(path, [f"dataset.train_data_dir={tmp_path}"])
+        assert (c.dataset.resolution, c.dataset.min_bucket_reso, c.dataset.max_bucket_reso) == (1024, 512, 2048)
+        assert c.training.gradient_checkpointing and c.training.clip_skip == 1 and c.optimizer.text_encoder_lr == 0
+        assert c.model.pretrained_model == "stabilityai/stable-diffusion-xl-base-1.0"

@@ -220,3 +220,17 @@ def test_non_finite_loss_names_the_step_and_the_likely_cause_first(precision, fi
     message = str(NonFiniteLoss(13, float("inf"), config))
     assert message.startswith(f"the loss became inf at step 13. Likely causes: {first}")
     assert ("fp16" in message) == (precision == "fp16")
+
+
+@pytest.mark.parametrize("layers, adapted", [(None, [0, 1, 2]), (2, [0, 1]), (1, [0])])
+def test_text_adapters_stop_at_the_layer_whose_output_is_used(layers, adapted):
+    """clip_skip 2 uses the penultimate layer: the last one would never get a gradient, so it gets no adapter."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorasmith.train.network import add_text_lora, lora_layers
+
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=8, intermediate_size=12, num_hidden_layers=3,
+                                           num_attention_heads=2, max_position_embeddings=77))
+    add_text_lora(encoder, 2, 2.0, layers=layers)
+    found = sorted({int(path.split("layers.")[1].split(".")[0]) for path in lora_layers(encoder)})
+    assert found == adapted and len(lora_layers(encoder)) == 6 * len(adapted)

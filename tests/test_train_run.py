@@ -184,19 +184,23 @@ def test_cli_dry_run_and_missing_model(tmp_path, tiny_sd):
     assert not (tmp_path / "out").exists()
     done = subprocess.run([str(BIN / "train-lora"), str(preset), "--quiet"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert f"base model (tokenizer) '{tmp_path / 'no-model'}' not found" in done.stderr
+    assert f"base model '{tmp_path / 'no-model'}' not found" in done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_path, tiny_sd):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_path, request, family):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: gradients are synchronised, so both ranks
     (which see different batches and noise) hold the same LoRA afterwards; a two-process run resumed from a
-    mid-run state (each rank restores its own RNG) ends with the same weights again."""
+    mid-run state (each rank restores its own RNG) ends with the same weights again. SDXL with both text
+    encoders trained."""
     import os
     import shutil
 
-    preset = write_preset(tmp_path / "p.toml", tiny_sd, small_dataset(tmp_path / "data"), tmp_path / "out",
-                          dataset={"flip_aug": True}, network={"network_dropout": 0.1},
+    model = request.getfixturevalue("tiny_sd" if family == "sd1" else "tiny_xl")
+    sizes = {} if family == "sd1" else {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128}
+    preset = write_preset(tmp_path / "p.toml", model, small_dataset(tmp_path / "data"), tmp_path / "out",
+                          dataset={"flip_aug": True, **sizes}, network={"network_dropout": 0.1},
                           optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
                           training={"max_train_steps": 4, "train_batch_size": 2},
                           output={"save_state_every_n_steps": 1, "save_last_n_states": 5})
@@ -218,6 +222,7 @@ def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_pat
         assert keys == sorted(b.keys()) and len(keys) > 0
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
         assert max(a.get_tensor(k).abs().max().item() for k in keys if "lora_up" in k) > 0  # it trained
+        assert any(k.startswith("lora_te2_") for k in keys) == (family == "sdxl")
     assert (tmp_path / "out" / "test.safetensors").exists()  # rank 0 alone saves
     state = next((tmp_path / "out" / "test.state").glob("step-00000002-*"))
     assert len(torch.load(state / "training.pt", weights_only=True)["rng"]) == 2  # one RNG record per rank

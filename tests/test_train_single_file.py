@@ -148,28 +148,15 @@ def test_lora_generate_takes_a_single_file_model(base, tmp_path):
     assert np.abs(pictures[0] - pictures[1]).max() <= 1
 
 
-def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path):
+def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path, tiny_xl):
     """SDXL's layout (label_emb, CLIP-L and OpenCLIP-bigG under conditioner.embedders.0/1) written by lorasmith's
     writer and loaded back: the UNet with its size/pooled-text conditioning and both encoders equal the models
-    written, within 1e-5. Training on SDXL is refused for now, in one sentence."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    written, within 1e-5. `lora` (SD1.x and SD2.x so far) refuses it in one sentence."""
     from lorasmith.train.single_file import CheckpointError
-    from lorasmith.train.tiny import SIZES
     from lorasmith.use.checkpoint import original_state_dict, save_checkpoint
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=(1, 2),
-        use_linear_projection=True, transformer_layers_per_block=(1, 2), sample_size=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **SIZES["tiny"]["vae"])
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    clip_l = CLIPTextModel(CLIPTextConfig(**text, hidden_act="quick_gelu"))
-    big_g = CLIPTextModelWithProjection(CLIPTextConfig(**text, hidden_act="gelu"))
+    built = load_components(str(tiny_xl), ("text_encoder", "text_encoder_2", "vae", "unet"), families=("sdxl",))
+    unet, vae, clip_l, big_g = built.unet, built.vae, built.text_encoder, built.text_encoder_2
     file = save_checkpoint(tmp_path / "xl.safetensors", original_state_dict(unet, vae, clip_l, big_g), {})
     parts = load_components(str(file), ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet"),
                             families=("sdxl",))
@@ -187,17 +174,44 @@ def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path):
         torch.testing.assert_close(parts.unet(sample, 300, context, added_cond_kwargs=added).sample,
                                    unet(sample, 300, context, added_cond_kwargs=added).sample, atol=1e-5, rtol=0)
         torch.testing.assert_close(parts.vae.decode(sample).sample, vae.decode(sample).sample, atol=1e-5, rtol=0)
-    from lorasmith.train.tokenizer import OPENCLIP_PAD, clip_tokenizer
-
-    folder = tmp_path / "xl"
-    for sub, part in (("text_encoder_2", big_g), ("tokenizer_2", clip_tokenizer(OPENCLIP_PAD)), ("unet", unet)):
-        part.save_pretrained(folder / sub)
-    from_folder = load_components(str(folder), ("tokenizer_2", "text_encoder_2", "unet"), families=("sdxl",))
+    from_folder = load_components(str(tiny_xl), ("tokenizer_2", "text_encoder_2", "unet"), families=("sdxl",))
     assert from_folder.tokenizer_2("a photo of a cat").input_ids == CAT and from_folder.text_encoder is None
-    with torch.no_grad():
-        torch.testing.assert_close(from_folder.text_encoder_2(ids).text_embeds, parts.text_encoder_2(ids).text_embeds,
-                                   atol=1e-5, rtol=0)
     with pytest.raises(CheckpointError, match=r"is an SDXL model \(it has text_encoder_2\)"):
-        load_components(str(folder), ("unet",))
-    with pytest.raises(CheckpointError, match=r"^xl.safetensors is an SDXL base checkpoint; train-lora and lora run "):
+        load_components(str(tiny_xl), ("unet",))
+    with pytest.raises(CheckpointError, match=r"^xl.safetensors is an SDXL base checkpoint; lora runs SD1.x and SD2.x "):
         load_components(str(file), ("unet",))
+
+
+def test_an_sd2_base_file_read_as_768_v_trains_as_epsilon_when_the_preset_says_so(base, tmp_path):
+    """An SD2.x file without its training step reads as v-prediction; model.prediction_type = "epsilon" (an
+    SD2.x-base file) sets the loss, the samplers and the metadata."""
+    from lorasmith.train.config import ModelConfig
+    from lorasmith.train.tiny import sd_scheduler
+    from lorasmith.train.trainer import noise_schedule
+
+    family, _, file = base
+    if family != "sd2":
+        pytest.skip("the SD2.x case")
+    v = sd_scheduler().from_config(sd_scheduler().config, prediction_type="v_prediction")
+    assert noise_schedule(v, ModelConfig()) is v
+    assert noise_schedule(v, ModelConfig(prediction_type="epsilon")).config.prediction_type == "epsilon"
+    assert noise_schedule(sd_scheduler(), ModelConfig(v_parameterization=True)).config.prediction_type == "v_prediction"
+    data = small_dataset(tmp_path / "data", images=2, size=(64, 64))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blob --w 64 --h 64 --s 2\n", encoding="utf-8")
+    preset = write_preset(tmp_path / "p.toml", file, data, tmp_path / "out",
+                          dataset={"train_data_dir": str(data), "resolution": 64, "min_bucket_reso": 64,
+                                   "max_bucket_reso": 64},
+                          training={"max_train_steps": 1, "train_batch_size": 1},
+                          sample={"sample_prompts": str(prompts), "sample_at_first": True})
+    preset.write_text(preset.read_text().replace("[model]\n", '[model]\nprediction_type = "epsilon"\n'))
+    run = subprocess.run([BIN / "train-lora", str(preset), "--quiet"], capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": str(BIN)})
+    assert run.returncode == 0, run.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "test.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == (
+        "sd_v2", "stable-diffusion-v2-512/lora", "epsilon")
+    assert len(list((tmp_path / "out" / "test.samples").glob("*-grid.png"))) == 2

@@ -16,6 +16,13 @@ The plan (images, repeats, buckets, batches, steps, warmup, saves) is printed be
 --dry-run prints it and stops. Steps follow Kohya: images × repeats × epochs / batch size, each bucket
 rounded up, doubled with regularisation images, divided by gradient accumulation and processes.
 
+Base models: model.pretrained_model takes a hub id, a diffusers folder or one checkpoint file (.safetensors,
+or .ckpt read without unpickling code) of SD1.x, SD2.x (epsilon or v-prediction, read from the file) or
+SDXL base; the family is detected and printed first. SDXL trains on both text encoders (penultimate layers,
+the second's pooled output) with each picture's size and crop as conditioning, at 1024² buckets (see
+presets/sdxl-*.toml; prep-images --area 1024 makes matching pictures). SDXL's VAE always runs in fp32,
+whatever training.mixed_precision says: in fp16 it overflows into NaN latents and black samples.
+
 Multi-GPU: accelerate launch --multi_gpu --num_processes N train-lora preset.toml
 (on CPU-only machines the processes use the CPU automatically).
 
@@ -116,6 +123,7 @@ def _train(args, rank: int, log, held: dict):
     """Preset → plan → (unless --dry-run) lock, resume checks and the run; `held` keeps the config, state
     and lock for the messages and clean-up of main()."""
     from lorasmith.train.config import load_config
+    from lorasmith.train.family import FAMILIES
     from lorasmith.train.models import describe_base, resolve_name
     from lorasmith.train.state import check_resume, load_resume
     from lorasmith.train.trainer import plan_run, run
@@ -124,7 +132,8 @@ def _train(args, rank: int, log, held: dict):
     config.model.pretrained_model, notice = resolve_name(config.model.pretrained_model)
     if notice:
         log(f"note: {notice}")
-    base = describe_base(config.model.pretrained_model)  # a file that is no base model fails before the scan
+    # a file that is no base model fails before the scan
+    base = describe_base(config.model.pretrained_model, FAMILIES)
     dataset, plan = plan_run(config)
     if rank == 0:
         for warning in dataset.warnings:

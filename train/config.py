@@ -58,7 +58,10 @@ class ModelConfig:
     """Hub id, local diffusers folder or single-file checkpoint (.safetensors, .ckpt) in the original layout.
     The old runwayml/stable-diffusion-v1-5 id is mapped to this one."""
     v_parameterization: bool = False
-    """Only for v-prediction models (SD 2.x 768-v); normally read from the scheduler's config."""
+    """Kohya's switch for v-prediction models; the same as prediction_type = "v_prediction"."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """auto: from the scheduler's config, or for a single file from its tensors (an SD2.x file without its
+    training step reads as 768-v: set "epsilon" for SD2.x-base files)."""
 
 
 @dataclass
@@ -327,6 +330,8 @@ def validate(config: Config) -> None:
          f"max_bucket_reso = {d.max_bucket_reso} (Kohya's rule: buckets range around the resolution)"),
         (bool(d.train_data_dir), "dataset.train_data_dir is empty: point it at the folder prep-images wrote"),
         (bool(config.model.pretrained_model.strip()), "model.pretrained_model is empty: give a hub id, a folder or a checkpoint file"),
+        (not (config.model.v_parameterization and config.model.prediction_type == "epsilon"),
+         'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
         (bool(o.output_dir.strip()), "output.output_dir is empty: give the folder the LoRA goes to"),
     ]
     for ok, message in checks:

@@ -205,6 +205,19 @@ def load_pixels(item: Item, flip: bool = False) -> Image.Image:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
 
 
+def crop_geometry(size: tuple[int, int], bucket: tuple[int, int], flip: bool = False) -> tuple[int, ...]:
+    """Where a (w, h) picture's pixels come from, as SDXL's size/crop conditioning states it: `load_pixels`
+    resizes the picture to cover its (w, h) bucket and crops the centre, so this is (picture h, w, the crop's top
+    and left in the resized picture, measured from the left of the mirrored picture when flipped, bucket h, w)."""
+    (w, h), (bw, bh) = size, bucket
+    box = crop_box(w, h, bucket)
+    scale = bw / (box.right - box.left)
+    left, top = round(box.left * scale), round(box.top * scale)
+    if flip:
+        left = round(w * scale) - left - bw
+    return h, w, top, left, bh, bw
+
+
 def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: float, rng: random.Random) -> str:
     """Kohya's caption augmentations: drop the whole caption with probability `dropout`, otherwise shuffle the
     comma-separated tokens after the first `keep_tokens` (the trigger word stays put)."""

@@ -1,9 +1,10 @@
 """What happens between optimizer steps: states, samples, validation, logs, saves and the report.
 
 A mixin of `Trainer`, so the training loop reads as the life cycle and this file as the schedule of side
-work. Everything here that draws random numbers uses its own generator or restores the global one, so a
-run with samples and validation trains exactly the same weights as one without, and a resumed run the
-same as an uninterrupted one.
+work; what a sample or a validation loss is comes from `previews.Previews`, which receives the conditioning,
+objective and latents it uses. Everything here that draws random numbers uses its own generator or restores
+the global one, so a run with samples and validation trains exactly the same weights as one without, and a
+resumed run the same as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class RunPaths:
 
 
 class RunEvents:
-    """Needs from Trainer: config, plan, dataset, accelerator, unet, text_encoder, optimizer, lr_scheduler,
-    generator, rng, result, log, embed(), diffusion_loss(), save()."""
+    """Needs from Trainer: config, plan, dataset, accelerator, adapted (the models with adapters, by name, the
+    UNet first), previews, optimizer, lr_scheduler, generator, rng, result, log, save()."""
 
     def setup_events(self) -> None:
         from lorasmith.train.prompts import read_prompts
@@ -187,9 +188,9 @@ class RunEvents:
         clear_temps(self.paths.states)
 
     def _adapters(self) -> dict:
-        """Trainable tensors by a stable name: `unet.<peft name>` and `text_encoder.<peft name>`."""
-        models = {"unet": self.unet, "text_encoder": self.text_encoder if self.train_text else None}
-        return {f"{prefix}.{name}": p for prefix, model in models.items() if model is not None
+        """Trainable tensors by a stable name: `unet.<peft name>`, `text_encoder.<peft name>` (and `text_encoder_2.`
+        for SDXL)."""
+        return {f"{prefix}.{name}": p for prefix, model in self.adapted.items()
                 for name, p in self.accelerator.unwrap_model(model).named_parameters() if "lora_" in name}
 
     def _rng_state(self) -> dict:
@@ -289,33 +290,14 @@ class RunEvents:
 
     # -- validation and samples -------------------------------------------------------------------------
     def validate(self, epoch: int) -> float | None:
-        """Mean loss over the held-out pictures at fixed timesteps with fixed noise (see validation.py)."""
-        import torch
-
-        from lorasmith.train.validation import NOISE_SEED, TIMESTEPS
-
         if not self.accelerator.is_main_process:
             return None
+        from lorasmith.train.previews import evaluating
+
         started = time.perf_counter()
-        unet = self.accelerator.unwrap_model(self.unet)
-        text = self.accelerator.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
-        modes = [(m, m.training) for m in (unet, text) if m is not None]
-        for model, _ in modes:
-            model.eval()
-        generator = torch.Generator().manual_seed(NOISE_SEED)
-        total, count = 0.0, 0
-        with torch.no_grad(), self.accelerator.autocast():
-            for item in sorted(self.dataset.validation, key=lambda i: str(i.image)):
-                latent = self._latents([item], [False])[0]
-                latents = latent.unsqueeze(0).expand(len(TIMESTEPS), *latent.shape)
-                noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
-                context = self.embed([item.caption]).expand(len(TIMESTEPS), -1, -1)
-                steps = torch.tensor(TIMESTEPS, device=self.device)
-                losses = self.diffusion_loss(unet, latents, context, noise, steps)
-                total, count = total + float(losses.sum()), count + len(TIMESTEPS)
-        for model, mode in modes:
-            model.train(mode)
-        value = total / max(1, count)
+        models = [self.accelerator.unwrap_model(m) for m in self.adapted.values()]
+        with evaluating(models):
+            value = self.previews.validation_loss(models[0], self.dataset.validation)
         self.history["validation"].append([self.step, epoch, value])
         self.result.validation.append(value)
         with self.writing(self.paths.logs / "validation.csv"):
@@ -325,39 +307,23 @@ class RunEvents:
         return value
 
     def sample(self, epoch: int) -> list[Path]:
-        """One picture per prompt with the LoRA as it is now, and their grid; the RNG of training is untouched."""
-        import torch
-
+        """One picture per prompt with the LoRA as it is now, and their grid."""
         from lorasmith.prep.files import atomic_writer
-        from lorasmith.train.sampling import generate, make_grid, make_scheduler
+        from lorasmith.train.previews import evaluating
+        from lorasmith.train.sampling import make_grid
 
         self.last_sampled = self.step
         if not self.prompts or not self.accelerator.is_main_process:
             return []
         started = time.perf_counter()
-        unet = self.accelerator.unwrap_model(self.unet)
-        text = self.accelerator.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
-        modes = [(m, m.training) for m in (unet, text) if m is not None]
+        models = [self.accelerator.unwrap_model(m) for m in self.adapted.values()]
+        with evaluating(models):
+            images = self.previews.pictures(models[0], self.prompts)
         tag = f"e{epoch:06d}-s{self.step:08d}"
-        images, paths = [], []
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
-            for model, _ in modes:
-                model.eval()
-            for i, prompt in enumerate(self.prompts):
-                scheduler = make_scheduler(prompt.sampler or self.config.sample.sample_sampler,
-                                           self.noise_scheduler.config)
-                positive, negative = self.embed([prompt.prompt]), self.embed([prompt.negative])
-                seed = prompt.seed if prompt.seed is not None else self.config.training.seed + i
-                image = generate(unet, self.vae, self.tokenizer, scheduler, positive, negative, prompt, seed,
-                                 self.device)
-                path = self.paths.samples / f"{tag}-{i:02d}.png"
-                with self.writing(path), atomic_writer(path) as handle:
-                    image.save(handle, "PNG")
-                images.append(image)
-                paths.append(path)
-            for model, mode in modes:
-                model.train(mode)
+        paths = [self.paths.samples / f"{tag}-{i:02d}.png" for i in range(len(images))]
+        for image, path in zip(images, paths):
+            with self.writing(path), atomic_writer(path) as handle:
+                image.save(handle, "PNG")
         title = f"epoch {epoch} · step {self.step}" + (f" · loss {self.recent_loss():.4f}" if self.step else "")
         grid = make_grid(images, [p.prompt for p in self.prompts], title)
         grid_path = self.paths.samples / f"{tag}-grid.png"

@@ -1,10 +1,11 @@
 """Saving a LoRA in Kohya's format, the one ComfyUI, A1111/Forge and diffusers all load.
 
-Keys: `lora_unet_<diffusers module path with _>` and `lora_te_text_model_encoder_layers_<i>_…` (a fixed
+Keys (SD1.x/2.x): `lora_unet_<diffusers module path with _>` and `lora_te_text_model_encoder_layers_<i>_…` (a fixed
 table: transformers ≥ 5.6 renamed the text encoder's modules, the file format did not change), each with
 `.lora_down.weight`, `.lora_up.weight` and `.alpha` = the configured alpha. diffusers'
 `convert_state_dict_to_kohya` is not used: it writes alpha = rank and names SD1.x's encoder `lora_te1`, so
-loaders would apply the LoRA at the wrong strength.
+loaders would apply the LoRA at the wrong strength. SDXL files name UNet modules by their original
+(SGM) paths, `lora_unet_input_blocks_4_1_…`, and the encoders `lora_te1_`/`lora_te2_`, as Kohya writes them.
 """
 
 from __future__ import annotations
@@ -19,27 +20,32 @@ from lorasmith.train.network import lora_layers
 _TEXT_PATH = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
 
 
-def unet_key(path: str) -> str:
-    return "lora_unet_" + path.replace(".", "_")
-
-
-def text_key(path: str) -> str:
-    """Kohya's name for a text-encoder layer, whichever module layout transformers gave it."""
+def text_key(path: str, prefix: str = "lora_te") -> str:
+    """Kohya's name for a text-encoder layer, whichever module layout transformers gave it; SDXL's two encoders
+    are `lora_te1`/`lora_te2`."""
     match = _TEXT_PATH.match(path)
     if not match:
         raise ValueError(f"no Kohya name for text-encoder module {path!r}")
     layer, part = match.groups()
-    return f"lora_te_text_model_encoder_layers_{layer}_{part.replace('.', '_')}"
+    return f"{prefix}_text_model_encoder_layers_{layer}_{part.replace('.', '_')}"
 
 
-def kohya_state_dict(unet, text_encoder=None, dtype=None) -> dict:
-    """Every adapter as Kohya's down/up/alpha triple, in `dtype` (the save precision)."""
+def kohya_state_dict(unet, text_encoders=None, dtype=None, family=None) -> dict:
+    """Every adapter as Kohya's down/up/alpha triple, in `dtype` (the save precision). `text_encoders` is one
+    model or the family's list (None where the text encoders were not trained); `family` (SD1.x when None)
+    names the modules."""
     import torch
 
+    from lorasmith.train.family_sd import SD1
+
+    family = family or SD1()
+    if text_encoders is not None and not isinstance(text_encoders, (list, tuple)):
+        text_encoders = [text_encoders]
+    models = [(unet, family.unet_names(unet).__getitem__)]
+    for model, prefix in zip(text_encoders or (), family.text_prefixes):
+        models.append((model, lambda path, prefix=prefix: text_key(path, prefix)))
     tensors = {}
-    for model, keyer in ((unet, unet_key), (text_encoder, text_key)):
-        if model is None:
-            continue
+    for model, keyer in models:
         for path, layer in lora_layers(model).items():
             key = keyer(path)
             down = layer.lora_A["default"].weight.detach()

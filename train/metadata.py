@@ -46,22 +46,19 @@ def is_v2(text_config) -> bool:
     return text_config.hidden_size == 1024 or text_config.hidden_act != "quick_gelu"
 
 
-def architecture(v2: bool, prediction_type: str) -> tuple[str, str]:
-    """(ss_base_model_version, modelspec.architecture) as Kohya's sd-scripts write them."""
-    if not v2:
-        return "sd_v1", "stable-diffusion-v1/lora"
-    return ("sd_v2", "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction"
-            else "stable-diffusion-v2-512/lora")
-
-
 def _dirs(items, folders: dict[str, int]) -> dict:
     return {name: {"n_repeats": repeats, "img_count": sum(1 for i in items if i.image.parent.name == name)}
             for name, repeats in folders.items()}
 
 
 def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float, prediction_type: str,
-                   session: str | None = None, v2: bool = False) -> dict[str, str]:
-    """Every value names files by base name only, so the file can be shared as it is."""
+                   session: str | None = None, family=None) -> dict[str, str]:
+    """Every value names files by base name only, so the file can be shared as it is. `family` is the base's
+    ModelFamily (SD1.x when None)."""
+    from lorasmith.train.family import family_named
+
+    family = family or family_named("sd1")
+    version, spec = family.architecture(prediction_type)
     n, o, t, opt, d = config.network, config.output, config.training, config.optimizer, config.dataset
     network_args = {"conv_dim": n.conv_dim, "conv_alpha": n.conv_alpha} if n.conv_dim else {}
     reg_folders = {i.image.parent.name: i.repeats for i in dataset.reg_items}
@@ -74,8 +71,8 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_training_finished_at": f"{time.time():.0f}",
         "ss_output_name": o.output_name,
         "ss_sd_model_name": model_name(config.model.pretrained_model),
-        "ss_base_model_version": architecture(v2, prediction_type)[0],
-        "ss_v2": str(v2),
+        "ss_base_model_version": version,
+        "ss_v2": str(family.name == "sd2"),
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": n.network_dim,
         "ss_network_alpha": n.network_alpha,
@@ -127,7 +124,7 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_reg_dataset_dirs": json.dumps(_dirs(dataset.reg_items, reg_folders)),
         "ss_tag_frequency": json.dumps(tag_frequency(dataset.items)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture(v2, prediction_type)[1],
+        "modelspec.architecture": spec,
         "modelspec.implementation": "diffusers",
         "modelspec.title": o.output_name if epoch >= plan.epochs else f"{o.output_name}-{epoch:06d}",
         "modelspec.resolution": res,

@@ -59,8 +59,8 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     if "sdxl" not in families and (Path(name).expanduser() / "text_encoder_2").is_dir():
         from lorasmith.train.single_file import CheckpointError
 
-        raise CheckpointError(f"{name} is an SDXL model (it has text_encoder_2); train-lora and lora run SD1.x and "
-                              "SD2.x models so far: pass one of those")
+        raise CheckpointError(f"{name} is an SDXL model (it has text_encoder_2); lora runs SD1.x and SD2.x models "
+                              "so far: pass one of those")
     classes = {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
                "unet": UNet2DConditionModel, "scheduler": DDPMScheduler, "tokenizer_2": CLIPTokenizer,
                "text_encoder_2": CLIPTextModelWithProjection}
@@ -96,28 +96,33 @@ def refuse_unsupported(family, file_name: str, families: tuple[str, ...] = ("sd1
     from lorasmith.train.single_file import CheckpointError
 
     if family.name not in families:
-        raise CheckpointError(f"{file_name} is an {family.label} checkpoint; train-lora and lora run SD1.x and SD2.x "
+        raise CheckpointError(f"{file_name} is an {family.label} checkpoint; lora runs SD1.x and SD2.x "
                               "models so far: pass one of those")
 
 
-def describe_base(name: str) -> str | None:
-    """The plan's line for a checkpoint file: its family, read from tensor names and shapes alone (no weights
-    load); None for a folder or hub id. Raises CheckpointError for a file that is no base model."""
+def describe_base(name: str, families: tuple[str, ...] = ("sd1", "sd2")) -> str | None:
+    """The plan's line for a local base model: its family, read from tensor names and shapes or configs alone (no
+    weights load); None for a hub id. Raises CheckpointError for a file that is no base model."""
     path = Path(name).expanduser()
+    if path.is_dir():
+        from lorasmith.train.family import family_named
+
+        return f"base model: {path.name}, a diffusers {family_named(inspect_base(name)[0]).label} folder"
     if not path.is_file():
         return None
     from lorasmith.train.from_file import open_checkpoint
 
     family = open_checkpoint(path)[2]
-    refuse_unsupported(family, path.name)
+    refuse_unsupported(family, path.name, families)
     return f"base model: {path.name}, a single-file {family.label} checkpoint"
 
 
-def check_clip_skip(name: str, skip: int) -> None:
-    """clip_skip against the text encoder's depth, read from its config alone, before anything is cached."""
+def inspect_base(name: str) -> tuple[str, Any]:
+    """(family name, first text encoder's CLIPTextConfig) from configs or tensor shapes alone, before any weight
+    loads: sdxl when there is a second text encoder, sd2 for an OpenCLIP-H encoder, else sd1."""
     from transformers import CLIPTextConfig
 
-    from lorasmith.train.config import ConfigError
+    from lorasmith.train.metadata import is_v2
 
     path = Path(name).expanduser()
     if path.is_file():
@@ -125,10 +130,25 @@ def check_clip_skip(name: str, skip: int) -> None:
         from lorasmith.train.single_file import text_configs
 
         _, shapes, family = open_checkpoint(path)
-        config = CLIPTextConfig(**text_configs(shapes, family)[0])
+        return family.name, CLIPTextConfig(**text_configs(shapes, family)[0])
+    if path.is_dir():
+        xl = (path / "text_encoder_2").is_dir()
     else:
-        config = load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
-                            "base model (text_encoder)")
+        from diffusers import DiffusionPipeline
+
+        xl = "text_encoder_2" in load_model(name, DiffusionPipeline.load_config, "base model")
+    config = load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
+                        "base model (text_encoder)")
+    return ("sdxl" if xl else "sd2" if is_v2(config) else "sd1"), config
+
+
+def check_clip_skip(family: str, config, skip: int) -> None:
+    """clip_skip against the family and the text encoder's depth, before anything is cached."""
+    from lorasmith.train.config import ConfigError
+
+    if family == "sdxl" and skip > 1:
+        raise ConfigError(f"training.clip_skip = {skip} does not apply to SDXL, which already takes the penultimate "
+                          "layer of both text encoders: set 1")
     if skip > config.num_hidden_layers:
         raise ConfigError(f"training.clip_skip = {skip} is more than the {config.num_hidden_layers} layers of this "
                           "model's text encoder: use 1 (realistic models) or 2 (anime models)")

@@ -24,10 +24,15 @@ def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: 
     return inject_adapter_in_model(config, unet)
 
 
-def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0):
+def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None):
+    """Adapters on the first `layers` encoder layers (all when None): layers after the one whose output is used
+    (clip skip, SDXL's penultimate layer) would never receive a gradient, and would be saved as untrained."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"^(?:{TEXT_TARGETS})$",
+    targets = TEXT_TARGETS
+    if layers is not None:
+        targets = targets.replace(r"layers\.\d+\.", rf"layers\.(?:{'|'.join(map(str, range(layers)))})\.")
+    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"^(?:{targets})$",
                         init_lora_weights=True)
     return inject_adapter_in_model(config, text_encoder)
 

@@ -1,4 +1,4 @@
-"""Sample images from the LoRA in training, through diffusers' StableDiffusionPipeline, and a grid per event.
+"""Sample images from the LoRA in training, through diffusers' StableDiffusion(XL)Pipeline, and a grid per event.
 
 The pipeline gets prompt embeddings from train-lora's own clip-skip function (`prompt_embeds=`), so
 samples see exactly the conditioning training used. Sampler names are Kohya's `sample_sampler` values.
@@ -49,24 +49,51 @@ def make_scheduler(name: str, base_config):
     return getattr(diffusers, cls).from_config(base_config, **extra)
 
 
-def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt, seed: int, device):
-    """One picture for `prompt` with embeddings already computed; noise from a CPU generator, so the same
-    seed gives the same start on any device."""
+def _start(unet, scale: int, prompt: Prompt, seed: int):
+    """The seed's starting noise and the generator that then feeds ancestral samplers' per-step noise, both on the
+    CPU, so the same seed gives the same picture on any device (euler_a included)."""
     import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, unet.config.in_channels, prompt.height // scale, prompt.width // scale),
+                          generator=generator)
+    return latents, generator
+
+
+def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt, seed: int, device):
+    """One picture for `prompt` with embeddings already computed."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    scale = pipe.vae_scale_factor  # from the VAE's config: 8 for SD, less for a smaller VAE
-    latents = torch.randn((1, unet.config.in_channels, prompt.height // scale, prompt.width // scale),
-                          generator=generator)
+    latents, generator = _start(unet, pipe.vae_scale_factor, prompt, seed)  # scale 8 for SD's VAE, less if smaller
     dtype = positive.dtype
-    # The same generator then feeds ancestral samplers' per-step noise: euler_a is reproducible by seed too.
     return pipe(prompt_embeds=positive.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
                 height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps, generator=generator,
                 guidance_scale=prompt.scale, latents=latents.to(device, dtype), output_type="pil").images[0]
+
+
+def generate_xl(unet, vae, scheduler, positive: dict, negative: dict, prompt: Prompt, seed: int, device):
+    """One SDXL picture from context and pooled embeddings; the size conditioning is the picture's own size
+    (uncropped). The VAE decodes outside autocast, in its own (fp32) precision."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    latents, generator = _start(unet, pipe.vae_scale_factor, prompt, seed)
+    dtype = positive["context"].dtype
+    out = pipe(prompt_embeds=positive["context"].to(device, dtype),
+               negative_prompt_embeds=negative["context"].to(device, dtype),
+               pooled_prompt_embeds=positive["pooled"].to(device, dtype),
+               negative_pooled_prompt_embeds=negative["pooled"].to(device, dtype),
+               height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps, generator=generator,
+               guidance_scale=prompt.scale, latents=latents.to(device, dtype), output_type="latent").images
+    with torch.autocast(torch.device(device).type, enabled=False):
+        decoded = vae.decode(out.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0]
 
 
 def label_font(size: int):

@@ -15,12 +15,15 @@ from pathlib import Path
 
 from lorasmith.prep.files import write_text_atomic
 from lorasmith.train.config import Config, to_toml
+from lorasmith.train.conditioning import Conditioner
 from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
 from lorasmith.train.events import NonFiniteLoss, RunEvents, RunPaths
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
-from lorasmith.train.metadata import is_v2
-from lorasmith.train.models import check_clip_skip
+from lorasmith.train.family import FAMILIES, family_named
+from lorasmith.train.models import check_clip_skip, inspect_base
+from lorasmith.train.objective import Objective
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
+from lorasmith.train.previews import Previews
 from lorasmith.train.signals import StopSignals
 from lorasmith.train.state import Loaded
 from lorasmith.train.validation import split_validation
@@ -37,6 +40,10 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     unet: object = None
     text_encoder: object = None
+    """The first trained text encoder (None when frozen); all of them in `text_encoders`."""
+    text_encoders: list = field(default_factory=list)
+    family: object = None
+    """The base's family.ModelFamily (names the modules when exporting)."""
     validation: list[float] = field(default_factory=list)
     report: Path | None = None
     states: list[Path] = field(default_factory=list)
@@ -87,7 +94,8 @@ class Trainer(RunEvents):
 
     # -- load and cache: one large part in memory at a time ----------------------------------------------
     def load(self) -> None:
-        """The accelerator, tokenizer and noise schedule; the networks come one at a time in `cache`."""
+        """The accelerator, the base's family, its tokenizers and noise schedule; the networks come one at a time
+        in `cache`."""
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -107,22 +115,28 @@ class Trainer(RunEvents):
         set_seed(t.seed)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        parts = self._load("tokenizer", "scheduler")
-        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.scheduler
-        check_clip_skip(self.config.model.pretrained_model, self.config.training.clip_skip)
+        family, text_config = inspect_base(self.config.model.pretrained_model)
+        check_clip_skip(family, text_config, t.clip_skip)
+        self.family = family_named(family)
+        parts = self._load(*self.family.tokenizer_parts, "scheduler")
+        self.conditioner = Conditioner(self.family, [getattr(parts, name) for name in self.family.tokenizer_parts],
+                                       t.clip_skip, self.device, self.weight_dtype)
+        self.objective = Objective(noise_schedule(parts.scheduler, self.config.model), t.min_snr_gamma)
 
     def _load(self, *names: str):
-        """Frozen parts on the device in the weight precision (trainable adapters are added later in fp32)."""
+        """Frozen parts on the device in the weight precision (trainable adapters are added later in fp32; a
+        family's fp32 VAE stays fp32)."""
         import torch
 
         from lorasmith.train.models import load_components
 
-        parts = load_components(self.config.model.pretrained_model, names)
-        for name in ("text_encoder", "vae", "unet"):
+        parts = load_components(self.config.model.pretrained_model, names, families=FAMILIES)
+        for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
             model = getattr(parts, name)
             if model is not None:
                 model.requires_grad_(False)
-                model.to(self.device) if self.weight_dtype == torch.float32 else model.to(self.device, self.weight_dtype)
+                full = self.weight_dtype == torch.float32 or (name == "vae" and self.family.vae_fp32)
+                model.to(self.device) if full else model.to(self.device, self.weight_dtype)
         return parts
 
     def cache(self) -> None:
@@ -146,14 +160,13 @@ class Trainer(RunEvents):
             if not self.prompts:  # samples decode with the VAE; otherwise it is not needed again
                 self.vae = None
             gc.collect()
-        self.text_encoder = self._load("text_encoder").text_encoder
-        self.v2 = is_v2(self.text_encoder.config)
-        self.text_cache = None
+        parts = self._load(*self.family.text_parts)
+        self.conditioner.encoders = [getattr(parts, name) for name in self.family.text_parts]
         if not self.train_text and d.cache_text_encoder_outputs and not d.shuffle_caption:
             everything = [*self.dataset.items, *self.dataset.reg_items, *self.dataset.validation]
-            captions = sorted({i.caption for i in everything} | {""} | self.prompt_texts())
-            self.text_cache = dict(zip(captions, self._encode(captions, batch=16)))
-            self.text_encoder = None
+            self.conditioner.fill_cache({i.caption for i in everything} | {""} | self.prompt_texts())
+        self.previews = Previews(self.accelerator, self.device, self.conditioner, self.objective, self._latents,
+                                 self.vae, self.family, self.config.sample.sample_sampler, self.config.training.seed)
         gc.collect()
         if self.device.type == "cuda":
             import torch
@@ -165,31 +178,6 @@ class Trainer(RunEvents):
 
     def _key(self, item, flip: bool) -> str:
         return latent_key(item.content, item.bucket, flip, self.vae_id)
-
-    def _encode(self, captions: list[str], batch: int | None = None):
-        """Prompt embeddings with clip skip. With `batch` (caching, samples, validation) in chunks without
-        gradients; without it (a trained text encoder, once per step) in one call with gradients."""
-        import torch
-
-        from lorasmith.train.text import encode_prompts, tokenize
-
-        out = []
-        step = batch or len(captions)
-        for i in range(0, len(captions), step):
-            ids = tokenize(self.tokenizer, captions[i : i + step]).to(self.device)
-            context = torch.no_grad() if batch else torch.enable_grad()
-            with context:
-                out.extend(encode_prompts(self.text_encoder, ids, self.config.training.clip_skip))
-        return out
-
-    def embed(self, captions: list[str], grad: bool = False):
-        """Embeddings from the cache when the text encoder is frozen and cached; else from the encoder, with
-        gradients for a training step (`grad`) or without for samples and validation."""
-        import torch
-
-        if self.text_cache is not None:
-            return torch.stack([self.text_cache[c] for c in captions]).to(self.device, self.weight_dtype)
-        return torch.stack(self._encode(captions, batch=None if grad else 16))
 
     # -- network ----------------------------------------------------------------------------------------
     def setup_network(self) -> None:
@@ -203,27 +191,29 @@ class Trainer(RunEvents):
         add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha)
         freeze_base(self.unet)
         groups = [{"params": lora_parameters(self.unet), "lr": o.unet_lr or o.learning_rate}]
-        if self.train_text:
-            add_text_lora(self.text_encoder, n.network_dim, n.network_alpha, n.network_dropout)
-            freeze_base(self.text_encoder)
-            groups.append({"params": lora_parameters(self.text_encoder), "lr": o.text_encoder_lr})
+        texts = self.conditioner.encoders if self.train_text else []
+        for index, encoder in enumerate(texts):
+            used = self.family.layers_used(index, encoder.config.num_hidden_layers, t.clip_skip)
+            add_text_lora(encoder, n.network_dim, n.network_alpha, n.network_dropout, used)
+            freeze_base(encoder)
+        if texts:
+            groups.append({"params": [p for e in texts for p in lora_parameters(e)], "lr": o.text_encoder_lr})
         for group in groups:  # trainable weights stay fp32 whatever the frozen model's precision
             for param in group["params"]:
                 param.data = param.data.float()
         self.params = [p for g in groups for p in g["params"]]
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.train_text:
-                self.text_encoder.gradient_checkpointing_enable()
+            for encoder in texts:
+                encoder.gradient_checkpointing_enable()
         optimizer = build_optimizer(o.optimizer_type, groups, o.weight_decay)
         # Stepped once per optimizer step, not prepared by accelerate (which would step it once per process).
         self.lr_scheduler = build_scheduler(self.config.schedule.lr_scheduler, optimizer, self.plan.warmup,
                                             self.plan.total_steps, self.config.schedule.lr_scheduler_num_cycles)
-        if self.train_text:
-            self.unet, self.text_encoder, self.optimizer = self.accelerator.prepare(self.unet, self.text_encoder,
-                                                                                    optimizer)
-        else:
-            self.unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.unet, *prepared, self.optimizer = self.accelerator.prepare(self.unet, *texts, optimizer)
+        if texts:
+            self.conditioner.encoders = prepared
+        self.adapted = {"unet": self.unet, **dict(zip(self.family.text_parts, prepared))}
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> Result:
@@ -236,15 +226,13 @@ class Trainer(RunEvents):
         rank, processes = self.accelerator.process_index, self.accelerator.num_processes
         self.generator = torch.Generator().manual_seed(t.seed * 7919 + rank)
         self.rng = random.Random(t.seed * 104_729 + rank)
-        self.prediction = ("v_prediction" if self.config.model.v_parameterization
-                           else self.noise_scheduler.config.prediction_type)
         if self.resume is not None:
             self.restore(self.resume)
         # Modes set here, not inherited: peft's adapter dropouts are created in training mode inside a model
         # loaded in eval mode, so a fresh and a resumed run would otherwise differ in which dropouts are on.
         self.unet.train()
-        if self.text_encoder is not None:
-            self.text_encoder.train(self.train_text)
+        for encoder in self.conditioner.encoders:
+            encoder.train(self.train_text)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="train-lora", unit="step", file=sys.stderr,
                    disable=not self.progress or not self.accelerator.is_main_process)
         self.open_log()
@@ -287,14 +275,16 @@ class Trainer(RunEvents):
             bar.close()
             self.close_log()
         self.result.unet = self.accelerator.unwrap_model(self.unet)
-        self.result.text_encoder = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
+        self.result.family = self.family
+        if self.train_text:
+            self.result.text_encoders = [self.accelerator.unwrap_model(e) for e in self.conditioner.encoders]
+            self.result.text_encoder = self.result.text_encoders[0]
         return self.result
 
     def _step(self, batch) -> float:
         import torch
 
-        models = [self.unet, self.text_encoder] if self.train_text else [self.unet]
-        with self.accelerator.accumulate(*models):
+        with self.accelerator.accumulate(*self.adapted.values()):
             loss = self._loss(batch)
             if self.agree(not bool(torch.isfinite(loss.detach()).all())):  # before backward: weights stay good
                 raise NonFiniteLoss(self.step + 1, float(loss.detach()), self.config)
@@ -315,33 +305,15 @@ class Trainer(RunEvents):
         latents = self._latents(batch, flips)
         captions = [process_caption(i.caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, self.rng)
                     for i in batch]
-        context = self.embed(captions, grad=True)
+        inputs = self.conditioner.unet_inputs(self.conditioner.embed(captions, grad=True), batch, flips)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
         if self.config.training.noise_offset:
             noise += self.config.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1),
                                                                      generator=self.generator).to(noise)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(batch),),
-                              generator=self.generator).to(self.device)
-        loss = self.diffusion_loss(self.unet, latents, context, noise, steps)
+        steps = torch.randint(0, self.objective.timesteps, (len(batch),), generator=self.generator).to(self.device)
+        loss = self.objective.loss(self.unet, latents, inputs, noise, steps)
         reg = torch.tensor([d.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=loss.device)
         return (loss * reg).mean()
-
-    def diffusion_loss(self, unet, latents, context, noise, steps):
-        """Per-sample MSE of the prediction (ε or v) at `steps`, min-SNR-γ weighted when configured."""
-        import torch.nn.functional as F
-
-        t = self.config.training
-        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
-        prediction = unet(noisy, steps, context).sample
-        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, steps)
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if t.min_snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise_scheduler, steps)
-            weight = snr.clamp(max=t.min_snr_gamma) / (snr + 1 if self.prediction == "v_prediction" else snr)
-            loss = loss * weight
-        return loss
 
     def _latents(self, batch, flips):
         import torch
@@ -351,7 +323,8 @@ class Trainer(RunEvents):
             return stacked.to(self.device, self.weight_dtype)
         jobs = [(self._key(item, f), item, f) for item, f in zip(batch, flips)]
         scratch = LatentCache()
-        cache_latents(jobs, self.vae, scratch, load_pixels, device=self.device, progress=False)
+        cache_latents(jobs, self.vae, scratch, load_pixels, device=self.device,
+                      dtype=next(self.vae.parameters()).dtype, progress=False)
         return torch.stack([scratch.get(k) for k, _, _ in jobs]).to(self.device, self.weight_dtype)
 
     # -- save -------------------------------------------------------------------------------------------
@@ -368,10 +341,10 @@ class Trainer(RunEvents):
         o = self.config.output
         name = f"{o.output_name}.safetensors" if final else f"{o.output_name}-{epoch:06d}.safetensors"
         unet = self.accelerator.unwrap_model(self.unet)
-        text = self.accelerator.unwrap_model(self.text_encoder) if self.train_text else None
-        tensors = kohya_state_dict(unet, text, getattr(torch, SAVE_DTYPES[o.save_precision]))
-        metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started, self.prediction,
-                                  self.run_id, self.v2)
+        texts = [self.accelerator.unwrap_model(e) for e in self.conditioner.encoders] if self.train_text else None
+        tensors = kohya_state_dict(unet, texts, getattr(torch, SAVE_DTYPES[o.save_precision]), self.family)
+        metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started,
+                                  self.objective.prediction, self.run_id, self.family)
         path = Path(o.output_dir) / name
         try:
             save_lora(path, tensors, metadata)
@@ -380,6 +353,15 @@ class Trainer(RunEvents):
         self.result.outputs.append(path)
         self.history["saves"].append([epoch, step, name])
         return path
+
+
+def noise_schedule(scheduler, model):
+    """The base's noise schedule with the preset's prediction type, when it names one: the loss and the samplers
+    (configured from this schedule) then agree."""
+    wanted = "v_prediction" if model.v_parameterization else model.prediction_type
+    if wanted in ("auto", scheduler.config.prediction_type):
+        return scheduler
+    return scheduler.from_config(scheduler.config, prediction_type=wanted)
 
 
 def write_resolved_config(config: Config, plan: Plan) -> Path:

@@ -51,7 +51,7 @@ def layer_table(unet, text_encoder=None, aliases: bool = True) -> dict[str, Laye
 def _original_aliases(unet, table: dict[str, Layer]) -> dict[str, Layer]:
     """The UNet's layers under their original (LDM/SGM) names too, `lora_unet_input_blocks_1_1_proj_in`, which
     some trainers write and every UI maps."""
-    from lorasmith.use.checkpoint import original_key, unet_modules
+    from lorasmith.train.ldm_names import original_key, unet_modules
 
     modules, aliases = unet_modules(unet), {}
     for layer in table.values():

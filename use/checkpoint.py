@@ -12,63 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorasmith.prep.files import atomic_writer
+from lorasmith.train.ldm_names import attentions, original_key, unet_modules
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 
-_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-"""The last two exist in SDXL's UNet only: its size/crop and pooled-text embedding."""
 XL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _VAE_CONV_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
 """The original VAE attention projects with 1×1 convolutions where diffusers uses Linear layers."""
 _TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
-
-
-def _attentions(block) -> list:
-    return [a for a in (getattr(block, "attentions", None) or ()) if a is not None]
-
-
-def unet_modules(unet) -> dict[str, tuple[str, dict]]:
-    """diffusers module path → (original module path, renames inside it), walking the blocks as LDM numbers them:
-    `input_blocks`/`output_blocks` count every resnet layer and every resampler, `middle_block` alternates."""
-    table = {name: (ldm, {}) for name, ldm in _UNET_FIXED.items()}
-    index = 1
-    for b, block in enumerate(unet.down_blocks):
-        attentions = _attentions(block)
-        for j in range(len(block.resnets)):
-            table[f"down_blocks.{b}.resnets.{j}"] = (f"input_blocks.{index}.0", _UNET_RESNET)
-            if j < len(attentions):
-                table[f"down_blocks.{b}.attentions.{j}"] = (f"input_blocks.{index}.1", {})
-            index += 1
-        if getattr(block, "downsamplers", None):
-            table[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{index}.0.op", {})
-            index += 1
-    if unet.mid_block is not None:
-        for r in range(len(unet.mid_block.resnets)):
-            table[f"mid_block.resnets.{r}"] = (f"middle_block.{2 * r}", _UNET_RESNET)
-        for a in range(len(_attentions(unet.mid_block))):
-            table[f"mid_block.attentions.{a}"] = (f"middle_block.{2 * a + 1}", {})
-    index = 0
-    for b, block in enumerate(unet.up_blocks):
-        attentions = _attentions(block)
-        for j in range(len(block.resnets)):
-            table[f"up_blocks.{b}.resnets.{j}"] = (f"output_blocks.{index}.0", _UNET_RESNET)
-            if j < len(attentions):
-                table[f"up_blocks.{b}.attentions.{j}"] = (f"output_blocks.{index}.1", {})
-            index += 1
-        if getattr(block, "upsamplers", None):
-            # the upsampler sits after the last layer's attention, when that layer has one
-            slot = 2 if len(attentions) >= len(block.resnets) else 1
-            table[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{index - 1}.{slot}.conv", {})
-    return table
 
 
 def vae_modules(vae) -> dict[str, tuple[str, dict]]:
@@ -82,7 +38,7 @@ def vae_modules(vae) -> dict[str, tuple[str, dict]]:
         if coder.mid_block is not None:
             for r in range(len(coder.mid_block.resnets)):
                 table[f"{part}.mid_block.resnets.{r}"] = (f"{part}.mid.block_{r + 1}", _VAE_RESNET)
-            for a in range(len(_attentions(coder.mid_block))):
+            for a in range(len(attentions(coder.mid_block))):
                 table[f"{part}.mid_block.attentions.{a}"] = (f"{part}.mid.attn_{a + 1}", _VAE_ATTENTION)
     for i, block in enumerate(vae.encoder.down_blocks):
         for j in range(len(block.resnets)):
@@ -97,20 +53,6 @@ def vae_modules(vae) -> dict[str, tuple[str, dict]]:
         if getattr(block, "upsamplers", None):
             table[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{level}.upsample.conv", {})
     return table
-
-
-def original_key(key: str, modules: dict[str, tuple[str, dict]], part: str) -> str:
-    """The original name of one state-dict key: its longest module prefix in `modules`, then the inner rename.
-    Also how LoRA files that use the original names (`lora_unet_input_blocks_…`) find their layers."""
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        found = modules.get(".".join(parts[:cut]))
-        if found is not None:
-            ldm, inner = found
-            module, param = ".".join(parts[cut:-1]), parts[-1]
-            module = inner.get(module, module)
-            return ".".join(p for p in (ldm, module, param) if p)
-    raise ValueError(f"{part} weight {key!r} has no name in the original layout")
 
 
 _OPEN_CLIP = {"embeddings.token_embedding.weight": "token_embedding.weight",

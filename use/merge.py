@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 from lorasmith.train.export import save_lora
-from lorasmith.train.metadata import architecture, is_v2, model_name
+from lorasmith.train.family import family_named
+from lorasmith.train.metadata import is_v2, model_name
 from lorasmith.use.lorafile import Lora, kohya_tensors
 from lorasmith.use.lowrank import Kept
 
@@ -69,7 +70,8 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
     quiet_libraries()
     parts = load_components(resolve_name(model)[0])
     changed = merge_into({"unet": parts.unet, "text_encoder": parts.text_encoder}, loras)
-    family = architecture(is_v2(parts.text_encoder.config), parts.scheduler.config.prediction_type)[1]
+    family = family_named("sd2" if is_v2(parts.text_encoder.config) else "sd1").architecture(
+        parts.scheduler.config.prediction_type)[1]
     metadata = {"lorasmith_base_model": model_name(model), "lorasmith_merged_loras": inputs_metadata(loras),
                 "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.removesuffix("/lora"),
                 "modelspec.prediction_type": parts.scheduler.config.prediction_type, "modelspec.title": out.stem}

@@ -1,0 +1,54 @@
+"""What differs between base-model families, behind one small interface.
+
+A family says which text parts to load, how captions become the UNet's conditioning (and what else the UNet
+takes), how a LoRA file names the adapted modules, what the file's metadata calls the base, and how a sample is
+drawn. The trainer, sampling, validation and export call these and never ask which family they run.
+"""
+
+from __future__ import annotations
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+class ModelFamily:
+    name = "sd1"
+    label = "SD1.x"
+    text_parts: tuple[str, ...] = ("text_encoder",)
+    """Component names of the text encoders, in the order `encode` takes them."""
+    tokenizer_parts: tuple[str, ...] = ("tokenizer",)
+    text_prefixes: tuple[str, ...] = ("lora_te",)
+    """Kohya's key prefix per text encoder."""
+    vae_fp32 = False
+    """Run the VAE in fp32 whatever the training precision."""
+
+    def encode(self, tokenizers, encoders, captions: list[str], clip_skip: int) -> dict:
+        """Batched conditioning tensors by name: at least `context` (the cross-attention input)."""
+        raise NotImplementedError
+
+    def layers_used(self, index: int, layers: int, clip_skip: int) -> int:
+        """How many of text encoder `index`'s `layers` shape the conditioning (the rest need no adapter)."""
+        return layers - (clip_skip - 1)
+
+    def unet_inputs(self, cond: dict, geometry: list[tuple[int, ...]] | None = None) -> dict:
+        """Keyword arguments of the UNet's forward for a batch of conditioning; `geometry` is each picture's
+        (original h, w, crop top, left, target h, w), which only some families use."""
+        return {"encoder_hidden_states": cond["context"]}
+
+    def unet_names(self, unet) -> dict[str, str]:
+        """Module path → Kohya's `lora_unet_…` name, for the adapted layers of `unet`."""
+        raise NotImplementedError
+
+    def architecture(self, prediction_type: str) -> tuple[str, str]:
+        """(ss_base_model_version, modelspec.architecture) as Kohya's sd-scripts write them."""
+        raise NotImplementedError
+
+    def render(self, unet, vae, scheduler, positive: dict, negative: dict, prompt, seed: int, device):
+        """One picture for a sample prompt from already computed conditioning."""
+        raise NotImplementedError
+
+
+def family_named(name: str) -> ModelFamily:
+    from lorasmith.train.family_sd import SD1, SD2
+    from lorasmith.train.family_sdxl import SDXL
+
+    return {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}[name]()
