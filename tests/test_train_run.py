@@ -62,7 +62,9 @@ def test_kohya_keys_alpha_and_metadata(trained):
         alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
-    assert "lora_te_text_model_encoder_layers_2_mlp_fc2.alpha" in keys
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2.alpha" in keys
+    # clip_skip 2 takes layer 1's output: layer 2 of the 3 would never train, so it has no adapter
+    assert not any(k.startswith("lora_te_text_model_encoder_layers_2_") for k in keys)
     assert not any(k.startswith("lora_te1_") for k in keys)
     assert set(alphas.values()) == {6.0}  # the configured alpha, not the rank (4)
     assert len(keys) == 3 * len(alphas)

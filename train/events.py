@@ -60,8 +60,8 @@ class RunPaths:
 
 
 class RunEvents:
-    """Needs from Trainer: config, plan, dataset, accelerator, adapted (the models with adapters, by name, the
-    UNet first), previews, optimizer, lr_scheduler, generator, rng, result, log, save()."""
+    """Needs from Trainer: config, plan, dataset, accelerator, device, adapted (the models with adapters, by name,
+    the UNet first), previews, optimizer, lr_scheduler, generator, rng, result, log, save()."""
 
     def setup_events(self) -> None:
         from lorasmith.train.prompts import read_prompts
