@@ -94,6 +94,9 @@ class NetworkConfig:
     """Rank of LoCon adapters on the UNet's ResNet convolutions; 0 trains attention only."""
     conv_alpha: float = ranged(1.0, 0, low_open=True)
     network_dropout: float = ranged(0.0, 0, 1, high_open=True)
+    network_target: Literal["kohya", "attention"] = "kohya"
+    """kohya: every Linear and 1×1 convolution in the UNet's transformer blocks, as Kohya's networks/lora.py and
+    every civitai recipe assume; attention: the attention projections alone (the LoRA paper's choice)."""
 
 
 @dataclass

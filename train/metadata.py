@@ -61,6 +61,8 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
     version, spec = family.architecture(prediction_type)
     n, o, t, opt, d = config.network, config.output, config.training, config.optimizer, config.dataset
     network_args = {"conv_dim": n.conv_dim, "conv_alpha": n.conv_alpha} if n.conv_dim else {}
+    if n.network_target != "kohya":
+        network_args["network_target"] = n.network_target
     reg_folders = {i.image.parent.name: i.repeats for i in dataset.reg_items}
     trigger = o.trigger_phrase or next(iter(dataset.folders), "").split("_", 1)[-1]
     res = f"{d.resolution}x{d.resolution}"

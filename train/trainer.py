@@ -188,7 +188,8 @@ class Trainer(RunEvents):
 
         n, o, t = self.config.network, self.config.optimizer, self.config.training
         torch.manual_seed(t.seed)  # the same adapter initialisation on every process
-        add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha)
+        add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
+                      n.network_target)
         freeze_base(self.unet)
         groups = [{"params": lora_parameters(self.unet), "lr": o.unet_lr or o.learning_rate}]
         texts = self.conditioner.encoders if self.train_text else []
@@ -202,6 +203,8 @@ class Trainer(RunEvents):
             for param in group["params"]:
                 param.data = param.data.float()
         self.params = [p for g in groups for p in g["params"]]
+        if self.accelerator.is_main_process:
+            self.log(describe_network(self.unet, texts, self.params, n))
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for encoder in texts:
@@ -362,6 +365,19 @@ def noise_schedule(scheduler, model):
     if wanted in ("auto", scheduler.config.prediction_type):
         return scheduler
     return scheduler.from_config(scheduler.config, prediction_type=wanted)
+
+
+def describe_network(unet, texts, params, network) -> str:
+    """One line: what is adapted and how much trains."""
+    from lorasmith.train.network import lora_layers
+
+    modules = len(lora_layers(unet))
+    text = sum(len(lora_layers(e)) for e in texts)
+    where = "Kohya's module set" if network.network_target == "kohya" else "the attention projections"
+    conv = f" + LoCon rank {network.conv_dim}" if network.conv_dim else ""
+    return (f"network: LoRA rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
+            f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
+            "parameters")
 
 
 def write_resolved_config(config: Config, plan: Plan) -> Path:
