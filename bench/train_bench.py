@@ -7,6 +7,9 @@ process, and the whole job's wall time (start to saved file). Rounds interleave,
 
     .venv/bin/python bench/train_bench.py [--rounds 2] [--steps 6] [--skip-sd15]
 
+--types compares the network types on the SD1.5-architecture model instead (lora, locon, loha, lokr; rank 16,
+conv rank 16 where the type adapts convolutions): trainable parameters, file size, s/step and peak RSS.
+
 --sdxl measures (c) instead: a random-weight model with SDXL base's exact architecture (2.6 G UNet
 parameters, both text encoders) at 512 px, batch 1, rank 16, gradient checkpointing in both contenders (the
 reference loop is diffusers' train_text_to_image_lora_sdxl.py reduced the same way: both encoders run every
@@ -228,6 +231,33 @@ def compare(name: str, contenders: dict[str, list[str]], rounds: int, steps: int
         print(f"  {label:15s} {med[0]:7.3f} s/step   peak RSS {med[1]:7.0f} MiB   whole job {med[2]:6.1f} s")
 
 
+def types(model: Path, root: Path, rounds: int, steps: int) -> None:
+    """Each network type on the same target set (Kohya's), interleaved, against plain LoRA."""
+    data = root / "data"
+    contenders = {}
+    for module in ("lora", "locon", "loha", "lokr"):
+        preset = write_preset(root / f"{module}.toml", model, data, root / module, steps)
+        conv = "" if module == "lora" else f"conv_dim = {RANK}\nconv_alpha = {RANK}\n"
+        preset.write_text(preset.read_text().replace("[network]\n", f"[network]\nnetwork_module = \"{module}\"\n{conv}"),
+                          encoding="utf-8")
+        contenders[module] = preset
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
+    params, sizes = {}, {}
+    for r in range(rounds):
+        for module, preset in contenders.items():
+            wall, peak, out = measure([str(BIN / "train-lora"), str(preset), "--quiet"])
+            rows[module].append((ours_step_seconds(out, steps), peak))
+            params[module] = int(re.search(r"([\d,]+) trainable parameters", out).group(1).replace(",", ""))
+            sizes[module] = (root / module / "bench.safetensors").stat().st_size
+            print(f"  round {r + 1}: {module}: {rows[module][-1][0]:.3f} s/step, peak RSS {peak:.0f} MiB", flush=True)
+    base = statistics.median(x[0] for x in rows["lora"])
+    print(f"network types, medians over {rounds} rounds ({steps} steps, rank {RANK}, {SIZE} px, Kohya's module set):")
+    for module, runs in rows.items():
+        step, peak = (statistics.median(x[i] for x in runs) for i in range(2))
+        print(f"  {module:6s} {params[module]:>11,} trainable  file {sizes[module] / 2**20:6.1f} MiB  {step:7.3f} s/step "
+              f"({100 * (step / base - 1):+.0f} % vs lora)  peak RSS {peak:7.0f} MiB")
+
+
 def child_run(preset: str, resume: str) -> None:
     """One run in this process; prints its timings, event times and state sizes as JSON."""
     import json
@@ -293,6 +323,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="also time train-lora with gradient checkpointing")
     parser.add_argument("--overhead", action="store_true", help="measure states, samples and validation instead")
     parser.add_argument("--sdxl", action="store_true", help="measure the SDXL-architecture model (c) only")
+    parser.add_argument("--types", action="store_true", help="compare network types on the SD1.5 architecture")
     parser.add_argument("--child-reference", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-reference-xl", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-run", nargs=2, help=argparse.SUPPRESS)
@@ -313,17 +344,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root / "data", size=XL_SIZE if args.sdxl else SIZE)
-        sizes = ["sdxl"] if args.sdxl else ["tiny"] if args.skip_sd15 else ["sd15"] if args.only_sd15 else ["tiny", "sd15"]
+        sizes = (["sdxl"] if args.sdxl else ["sd15"] if args.only_sd15 or args.types else ["tiny"] if args.skip_sd15
+                 else ["tiny", "sd15"])
         for size in sizes:
             start = time.perf_counter()
             model = build_sd(root / f"model-{size}", size)
             print(f"built random-weight {size} model in {time.perf_counter() - start:.0f} s", flush=True)
             steps = args.steps if size in ("sd15", "sdxl") else max(args.steps, 20)
-            if args.overhead:
+            if args.types:
+                types(model, root, args.rounds, steps)
+            elif args.overhead:
                 overhead(size, model, root, args.rounds, steps)
             else:
                 bench(size, model, root, args.rounds, steps, args.checkpointing)
-    if args.sdxl:
+    if args.types:
+        pass
+    elif args.sdxl:
         print("goal: train-lora no slower per step than the reference and below it in peak RSS")
     elif not args.overhead:
         print("goal: train-lora no slower per step than the reference; SD1.5 peak RSS ≤ 4.5 GB (4,292 MiB)")

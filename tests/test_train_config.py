@@ -44,7 +44,7 @@ def test_sd15_presets_follow_the_usual_advice(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("[network]\nnetwork_dimm = 8\n", "unknown key network.network_dimm; did you mean 'network_dim'? valid keys: network_dim"),
+        ("[network]\nnetwork_dimm = 8\n", "unknown key network.network_dimm; did you mean 'network_dim'? valid keys: network_module, network_dim"),
         ("[training]\nclip_skip = 'two'\n", "training.clip_skip = 'two' must be int, not str"),
         ("[optimizer]\noptimizer_type = 'SGD'\n", "optimizer.optimizer_type = 'SGD' is not one of 'AdamW8bit'"),
         ("resolution = 500\n", "dataset.resolution must be a multiple of 64"),
@@ -58,6 +58,11 @@ def test_sd15_presets_follow_the_usual_advice(tmp_path):
         ("[model]\nv_parameterization = true\nprediction_type = 'epsilon'\n",
          'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
         ("[model]\nprediction_type = 'v'\n", "model.prediction_type = 'v' is not one of 'auto'"),
+        ("[network]\nnetwork_module = 'loha'\nnetwork_dropout = 0.1\n",
+         "network.network_dropout applies to lora and locon; loha uses network.rank_dropout and network.module_dropout"),
+        ("[network]\nrank_dropout = 0.1\n", "network.rank_dropout and module_dropout apply to loha and lokr"),
+        ("[network]\nnetwork_module = 'loha'\nfactor = 4\n", "network.factor applies to lokr only"),
+        ("[network]\nnetwork_module = 'dora'\n", "network.network_module = 'dora' is not one of 'lora', 'locon'"),
     ],
 )
 def test_strict_errors_name_the_file_and_key(tmp_path, text, message):

@@ -88,12 +88,20 @@ class DatasetConfig:
 
 @dataclass
 class NetworkConfig:
+    network_module: Literal["lora", "locon", "loha", "lokr"] = "lora"
+    """lora (with conv_dim: LoCon), locon (conv_dim defaults to network_dim), loha and lokr (LyCORIS' Hadamard
+    and Kronecker products: more capacity per parameter)."""
     network_dim: int = ranged(64, 1, 4096)
     network_alpha: float = ranged(32.0, 0, low_open=True)
     conv_dim: int = ranged(0, 0, 4096, hint="0 is off")
     """Rank of LoCon adapters on the UNet's ResNet convolutions; 0 trains attention only."""
     conv_alpha: float = ranged(1.0, 0, low_open=True)
     network_dropout: float = ranged(0.0, 0, 1, high_open=True)
+    rank_dropout: float = ranged(0.0, 0, 1, high_open=True, hint="LoHa/LoKr only")
+    module_dropout: float = ranged(0.0, 0, 1, high_open=True, hint="LoHa/LoKr only")
+    factor: int = ranged(-1, -1, 4096, hint="LoKr only; -1 splits each side as evenly as it divides")
+    use_tucker: bool = False
+    """LoHa/LoKr: 3×3 convolutions in Tucker form (hada_t1/t2, lokr_t2), fewer parameters."""
     network_target: Literal["kohya", "attention"] = "kohya"
     """kohya: every Linear and 1×1 convolution in the UNet's transformer blocks, as Kohya's networks/lora.py and
     every civitai recipe assume; attention: the attention projections alone (the LoRA paper's choice)."""
@@ -322,7 +330,7 @@ def validate(config: Config) -> None:
     from lorasmith.train.plan import bucket_resolutions
 
     _check_ranges(config)
-    t, d, o = config.training, config.dataset, config.output
+    t, d, o, n = config.training, config.dataset, config.output, config.network
     checks = [
         (config.config_version == CONFIG_VERSION, f"config_version must be {CONFIG_VERSION}"),
         (t.max_train_epochs >= 1 or t.max_train_steps >= 1, "training.max_train_epochs or max_train_steps must be set"),
@@ -333,6 +341,12 @@ def validate(config: Config) -> None:
          f"max_bucket_reso = {d.max_bucket_reso} (Kohya's rule: buckets range around the resolution)"),
         (bool(d.train_data_dir), "dataset.train_data_dir is empty: point it at the folder prep-images wrote"),
         (bool(config.model.pretrained_model.strip()), "model.pretrained_model is empty: give a hub id, a folder or a checkpoint file"),
+        (n.network_module in ("lora", "locon") or not n.network_dropout,
+         f"network.network_dropout applies to lora and locon; {n.network_module} uses network.rank_dropout and "
+         "network.module_dropout"),
+        (n.network_module in ("loha", "lokr") or not (n.rank_dropout or n.module_dropout),
+         "network.rank_dropout and module_dropout apply to loha and lokr; lora uses network.network_dropout"),
+        (n.network_module == "lokr" or n.factor == -1, "network.factor applies to lokr only"),
         (not (config.model.v_parameterization and config.model.prediction_type == "epsilon"),
          'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
         (bool(o.output_dir.strip()), "output.output_dir is empty: give the folder the LoRA goes to"),

@@ -190,8 +190,10 @@ class RunEvents:
     def _adapters(self) -> dict:
         """Trainable tensors by a stable name: `unet.<peft name>`, `text_encoder.<peft name>` (and `text_encoder_2.`
         for SDXL)."""
+        from lorasmith.train.network import is_adapter
+
         return {f"{prefix}.{name}": p for prefix, model in self.adapted.items()
-                for name, p in self.accelerator.unwrap_model(model).named_parameters() if "lora_" in name}
+                for name, p in self.accelerator.unwrap_model(model).named_parameters() if is_adapter(name)}
 
     def _rng_state(self) -> dict:
         import torch

@@ -48,12 +48,31 @@ def kohya_state_dict(unet, text_encoders=None, dtype=None, family=None) -> dict:
     for model, keyer in models:
         for path, layer in lora_layers(model).items():
             key = keyer(path)
-            down = layer.lora_A["default"].weight.detach()
-            up = layer.lora_B["default"].weight.detach()
-            tensors[f"{key}.lora_down.weight"] = down.to("cpu", dtype or down.dtype).contiguous()
-            tensors[f"{key}.lora_up.weight"] = up.to("cpu", dtype or up.dtype).contiguous()
-            tensors[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha["default"]), dtype=dtype or torch.float32)
+            for suffix, tensor in layer_tensors(layer).items():
+                tensors[f"{key}.{suffix}"] = tensor.to("cpu", dtype or torch.float32).contiguous()
     return tensors
+
+
+def layer_tensors(layer, adapter: str = "default") -> dict:
+    """One adapter layer as a file stores it: Kohya's lora_down/lora_up, or LyCORIS' hada_*/lokr_* tensors, and
+    `.alpha`. Loaders scale a LoKr by alpha / rank only when a factor is decomposed; when both Kronecker factors
+    are full they apply it as it is, so peft's alpha / r is folded into lokr_w2."""
+    import torch
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+
+    if isinstance(layer, (LoHaLayer, LoKrLayer)):
+        out = {name: getattr(layer, name)[adapter].detach().float() for name in layer.adapter_layer_names
+               if adapter in getattr(layer, name)}
+        if "lokr_w1" in out and "lokr_w2" in out:
+            out["lokr_w2"] = out["lokr_w2"] * layer.scaling[adapter]
+        alpha = layer.alpha[adapter]
+    else:
+        out = {"lora_down.weight": layer.lora_A[adapter].weight.detach(),
+               "lora_up.weight": layer.lora_B[adapter].weight.detach()}
+        alpha = layer.lora_alpha[adapter]
+    out["alpha"] = torch.tensor(float(alpha))
+    return out
 
 
 def addnet_hashes(data: bytes) -> tuple[str, str]:

@@ -46,6 +46,25 @@ def is_v2(text_config) -> bool:
     return text_config.hidden_size == 1024 or text_config.hidden_act != "quick_gelu"
 
 
+def network_arguments(n) -> dict[str, str]:
+    """Kohya's ss_network_args: the options `--network_args` would pass, as strings (LyCORIS' `algo=loha`)."""
+    args = {}
+    if n.network_module in ("loha", "lokr"):
+        args["algo"] = n.network_module
+    conv_dim, conv_alpha = (n.conv_dim, n.conv_alpha) if n.conv_dim or n.network_module != "locon" else (
+        n.network_dim, n.network_alpha)
+    if conv_dim:
+        args.update(conv_dim=str(conv_dim), conv_alpha=str(conv_alpha))
+    if n.network_module in ("loha", "lokr"):
+        args.update(rank_dropout=str(n.rank_dropout), module_dropout=str(n.module_dropout),
+                    use_tucker=str(n.use_tucker))
+    if n.network_module == "lokr":
+        args["factor"] = str(n.factor)
+    if n.network_target != "kohya":
+        args["network_target"] = n.network_target
+    return args
+
+
 def _dirs(items, folders: dict[str, int]) -> dict:
     return {name: {"n_repeats": repeats, "img_count": sum(1 for i in items if i.image.parent.name == name)}
             for name, repeats in folders.items()}
@@ -60,9 +79,7 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
     family = family or family_named("sd1")
     version, spec = family.architecture(prediction_type)
     n, o, t, opt, d = config.network, config.output, config.training, config.optimizer, config.dataset
-    network_args = {"conv_dim": n.conv_dim, "conv_alpha": n.conv_alpha} if n.conv_dim else {}
-    if n.network_target != "kohya":
-        network_args["network_target"] = n.network_target
+    network_args = network_arguments(n)
     reg_folders = {i.image.parent.name: i.repeats for i in dataset.reg_items}
     trigger = o.trigger_phrase or next(iter(dataset.folders), "").split("_", 1)[-1]
     res = f"{d.resolution}x{d.resolution}"
@@ -75,7 +92,7 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_sd_model_name": model_name(config.model.pretrained_model),
         "ss_base_model_version": version,
         "ss_v2": str(family.name == "sd2"),
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": "lycoris.kohya" if n.network_module in ("loha", "lokr") else NETWORK_MODULE,
         "ss_network_dim": n.network_dim,
         "ss_network_alpha": n.network_alpha,
         "ss_network_dropout": n.network_dropout,

@@ -1,7 +1,7 @@
-"""LoRA adapters through peft: which layers get one, and the list of what trains.
+"""Adapters through peft (LoRA, LoCon, LoHa, LoKr): which layers get one, and the list of what trains.
 
-peft's wrapper keeps `base_layer`, starts B at zero (training starts from the base model exactly) and
-computes scaling = alpha / r in one place; we only choose the targets.
+peft's wrappers keep `base_layer`, start with ΔW = 0 (training starts from the base model exactly) and
+compute scaling = alpha / r in one place; we only choose the type and the targets.
 """
 
 from __future__ import annotations
@@ -29,42 +29,88 @@ def unet_targets(target: str = "kohya", conv: bool = False) -> str:
     return f"^(?:{UNET_TARGETS[target]}" + (f"|{UNET_CONV_TARGETS[target]}" if conv else "") + ")$"
 
 
-def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: int = 0, conv_alpha: float = 1.0,
-                  target: str = "kohya"):
-    from peft import LoraConfig, inject_adapter_in_model
+ADAPTER_MARKS = ("lora_", "hada_", "lokr_")
+"""Parameter-name parts of peft's LoRA, LoHa and LoKr adapters: everything that trains."""
 
-    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, target_modules=unet_targets(target, bool(conv_dim)),
-                        rank_pattern={CONV_3X3: conv_dim} if conv_dim else {},
-                        alpha_pattern={CONV_3X3: conv_alpha} if conv_dim else {}, init_lora_weights=True)
+
+def adapter_config(module: str, dim: int, alpha: float, targets: str, *, dropout: float = 0.0,
+                   rank_dropout: float = 0.0, module_dropout: float = 0.0, factor: int = -1, tucker: bool = False,
+                   rank_pattern: dict | None = None, alpha_pattern: dict | None = None):
+    """peft's config for one network type. LoHa and LoKr are peft's ports of LyCORIS' modules (the same
+    parameters and formulas), so they train inside the model like LoRA: states, resume and DDP need nothing
+    else."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    common = dict(target_modules=targets, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+    if module in ("lora", "locon"):
+        return LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, **common)
+    lycoris = dict(r=dim, alpha=alpha, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                   use_effective_conv2d=tucker, init_weights=True, **common)
+    if module == "loha":
+        return LoHaConfig(**lycoris)
+    if module == "lokr":
+        return LoKrConfig(decompose_factor=factor, **lycoris)
+    raise ValueError(f"unknown network module {module!r}")
+
+
+def network_options(network) -> dict:
+    """The type-specific keyword options of a NetworkConfig, for `add_unet_lora`/`add_text_lora`."""
+    if network.network_module in ("lora", "locon"):
+        return {"module": network.network_module}
+    options = dict(module=network.network_module, rank_dropout=network.rank_dropout,
+                   module_dropout=network.module_dropout, tucker=network.use_tucker)
+    if network.network_module == "lokr":
+        options["factor"] = network.factor
+    return options
+
+
+def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: int = 0, conv_alpha: float = 1.0,
+                  target: str = "kohya", module: str = "lora", **extra):
+    """Adapters of `module`'s type on the UNet's `target` set; with conv_dim (or for locon) on its
+    convolutions too, at conv_dim/conv_alpha for the 3×3 kernels."""
+    from peft import inject_adapter_in_model
+
+    if module == "locon" and not conv_dim:
+        conv_dim, conv_alpha = dim, alpha
+    patterns = dict(rank_pattern={CONV_3X3: conv_dim}, alpha_pattern={CONV_3X3: conv_alpha}) if conv_dim else {}
+    config = adapter_config(module, dim, alpha, unet_targets(target, bool(conv_dim)), dropout=dropout, **patterns,
+                            **extra)
     return inject_adapter_in_model(config, unet)
 
 
-def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None):
+def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None,
+                  module: str = "lora", **extra):
     """Adapters on the first `layers` encoder layers (all when None): layers after the one whose output is used
     (clip skip, SDXL's penultimate layer) would never receive a gradient, and would be saved as untrained."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     targets = TEXT_TARGETS
     if layers is not None:
         targets = targets.replace(r"layers\.\d+\.", rf"layers\.(?:{'|'.join(map(str, range(layers)))})\.")
-    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"^(?:{targets})$",
-                        init_lora_weights=True)
+    config = adapter_config(module, dim, alpha, f"^(?:{targets})$", dropout=dropout, **extra)
     return inject_adapter_in_model(config, text_encoder)
+
+
+def is_adapter(name: str) -> bool:
+    return any(mark in name for mark in ADAPTER_MARKS)
 
 
 def lora_parameters(model) -> list:
     """The adapter weights of `model`, as a list: an iterator handed to the optimizer would be empty by the
     time gradient clipping reads it (the bug in diffusers' example script)."""
-    return [p for name, p in model.named_parameters() if "lora_" in name]
+    return [p for name, p in model.named_parameters() if is_adapter(name)]
 
 
 def freeze_base(model) -> None:
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(is_adapter(name))
 
 
 def lora_layers(model) -> dict[str, object]:
-    """Module path → peft LoRA layer, for export and tests."""
+    """Module path → peft adapter layer (LoRA, LoHa or LoKr), for export and tests."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
     from peft.tuners.lora import LoraLayer
 
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    kinds = (LoraLayer, LoHaLayer, LoKrLayer)
+    return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}

@@ -183,19 +183,21 @@ class Trainer(RunEvents):
     def setup_network(self) -> None:
         import torch
 
-        from lorasmith.train.network import add_text_lora, add_unet_lora, freeze_base, lora_parameters
+        from lorasmith.train.network import (add_text_lora, add_unet_lora, freeze_base, lora_parameters,
+                                             network_options)
         from lorasmith.train.optim import build_optimizer, build_scheduler
 
         n, o, t = self.config.network, self.config.optimizer, self.config.training
         torch.manual_seed(t.seed)  # the same adapter initialisation on every process
+        options = network_options(n)
         add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
-                      n.network_target)
+                      n.network_target, **options)
         freeze_base(self.unet)
         groups = [{"params": lora_parameters(self.unet), "lr": o.unet_lr or o.learning_rate}]
         texts = self.conditioner.encoders if self.train_text else []
         for index, encoder in enumerate(texts):
             used = self.family.layers_used(index, encoder.config.num_hidden_layers, t.clip_skip)
-            add_text_lora(encoder, n.network_dim, n.network_alpha, n.network_dropout, used)
+            add_text_lora(encoder, n.network_dim, n.network_alpha, n.network_dropout, used, **options)
             freeze_base(encoder)
         if texts:
             groups.append({"params": [p for e in texts for p in lora_parameters(e)], "lr": o.text_encoder_lr})
@@ -203,8 +205,8 @@ class Trainer(RunEvents):
             for param in group["params"]:
                 param.data = param.data.float()
         self.params = [p for g in groups for p in g["params"]]
-        if self.accelerator.is_main_process:
-            self.log(describe_network(self.unet, texts, self.params, n))
+        if self.accelerator.is_main_process:  # the plan's last line, once the adapters exist to be counted
+            print(describe_network(self.unet, texts, self.params, n), flush=True)
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for encoder in texts:
@@ -374,8 +376,9 @@ def describe_network(unet, texts, params, network) -> str:
     modules = len(lora_layers(unet))
     text = sum(len(lora_layers(e)) for e in texts)
     where = "Kohya's module set" if network.network_target == "kohya" else "the attention projections"
-    conv = f" + LoCon rank {network.conv_dim}" if network.conv_dim else ""
-    return (f"network: LoRA rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
+    kind = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}[network.network_module]
+    conv = f" + convolutions at rank {network.conv_dim}" if network.conv_dim else ""
+    return (f"network: {kind} rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
             f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
             "parameters")
 
