@@ -187,7 +187,7 @@ def test_an_sd2_base_file_read_as_768_v_trains_as_epsilon_when_the_preset_says_s
     SD2.x-base file) sets the loss, the samplers and the metadata."""
     from lorasmith.train.config import ModelConfig
     from lorasmith.train.tiny import sd_scheduler
-    from lorasmith.train.trainer import noise_schedule
+    from lorasmith.train.objective import noise_schedule
 
     family, _, file = base
     if family != "sd2":

@@ -114,3 +114,15 @@ def lora_layers(model) -> dict[str, object]:
 
     kinds = (LoraLayer, LoHaLayer, LoKrLayer)
     return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+
+
+def describe_network(unet, texts, params, network) -> str:
+    """One line: what is adapted and how much trains."""
+    modules = len(lora_layers(unet))
+    text = sum(len(lora_layers(e)) for e in texts)
+    where = "Kohya's module set" if network.network_target == "kohya" else "the attention projections"
+    kind = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}[network.network_module]
+    conv = f" + convolutions at rank {network.conv_dim}" if network.conv_dim else ""
+    return (f"network: {kind} rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
+            f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
+            "parameters")

@@ -29,3 +29,12 @@ class Objective:
             weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction == "v_prediction" else snr)
             loss = loss * weight
         return loss
+
+
+def noise_schedule(scheduler, model):
+    """The base's noise schedule with the preset's prediction type, when it names one: the loss and the samplers
+    (configured from this schedule) then agree."""
+    wanted = "v_prediction" if model.v_parameterization else model.prediction_type
+    if wanted in ("auto", scheduler.config.prediction_type):
+        return scheduler
+    return scheduler.from_config(scheduler.config, prediction_type=wanted)

@@ -21,7 +21,7 @@ from lorasmith.train.events import NonFiniteLoss, RunEvents, RunPaths
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
 from lorasmith.train.family import FAMILIES, family_named
 from lorasmith.train.models import check_clip_skip, inspect_base
-from lorasmith.train.objective import Objective
+from lorasmith.train.objective import Objective, noise_schedule
 from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
 from lorasmith.train.previews import Previews
 from lorasmith.train.signals import StopSignals
@@ -183,8 +183,8 @@ class Trainer(RunEvents):
     def setup_network(self) -> None:
         import torch
 
-        from lorasmith.train.network import (add_text_lora, add_unet_lora, freeze_base, lora_parameters,
-                                             network_options)
+        from lorasmith.train.network import (add_text_lora, add_unet_lora, describe_network, freeze_base,
+                                             lora_parameters, network_options)
         from lorasmith.train.optim import build_optimizer, build_scheduler
 
         n, o, t = self.config.network, self.config.optimizer, self.config.training
@@ -358,29 +358,6 @@ class Trainer(RunEvents):
         self.result.outputs.append(path)
         self.history["saves"].append([epoch, step, name])
         return path
-
-
-def noise_schedule(scheduler, model):
-    """The base's noise schedule with the preset's prediction type, when it names one: the loss and the samplers
-    (configured from this schedule) then agree."""
-    wanted = "v_prediction" if model.v_parameterization else model.prediction_type
-    if wanted in ("auto", scheduler.config.prediction_type):
-        return scheduler
-    return scheduler.from_config(scheduler.config, prediction_type=wanted)
-
-
-def describe_network(unet, texts, params, network) -> str:
-    """One line: what is adapted and how much trains."""
-    from lorasmith.train.network import lora_layers
-
-    modules = len(lora_layers(unet))
-    text = sum(len(lora_layers(e)) for e in texts)
-    where = "Kohya's module set" if network.network_target == "kohya" else "the attention projections"
-    kind = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}[network.network_module]
-    conv = f" + convolutions at rank {network.conv_dim}" if network.conv_dim else ""
-    return (f"network: {kind} rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
-            f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
-            "parameters")
 
 
 def write_resolved_config(config: Config, plan: Plan) -> Path:
