@@ -1,5 +1,6 @@
-"""Network types (LoRA, LoCon, LoHa, LoKr): the file each writes, read back with the algorithm's published
-formula, is the model that trained; LoHa resumes bit-identically after SIGKILL."""
+"""Network types (LoRA, LoCon, LoHa, LoKr, DyLoRA): the file each writes, read back with the algorithm's
+published formula, is the model that trained; a DyLoRA cut to fewer ranks is the model at those ranks; LoHa
+resumes bit-identically after SIGKILL."""
 
 import json
 import os
@@ -33,7 +34,37 @@ def delta(tensors: dict[str, torch.Tensor], shape) -> torch.Tensor:
     return torch.kron(w1, w2).reshape(shape) * (alpha / rank if rank else 1.0)
 
 
-@pytest.mark.parametrize("module", ["lora", "locon", "loha", "lokr"])
+def modules_of(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        name, suffix = key.split(".", 1)
+        modules.setdefault(name, {})[suffix] = tensor
+    return modules
+
+
+def kohya_layers(unet) -> dict:
+    return {"lora_unet_" + name.replace(".", "_"): m for name, m in unet.named_modules()}
+
+
+def add_to_base(base, modules: dict[str, dict]) -> float:
+    """Every module's ΔW added to the base UNet's weights; the largest change."""
+    layers, largest = kohya_layers(base), 0.0
+    with torch.no_grad():
+        for name, parts in modules.items():
+            change = delta(parts, layers[name].weight.shape)
+            layers[name].weight += change
+            largest = max(largest, float(change.abs().max()))
+    return largest
+
+
+def unet_output(unet) -> torch.Tensor:
+    sample = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return unet.eval()(sample, 500, context).sample
+
+
+@pytest.mark.parametrize("module", ["lora", "locon", "loha", "lokr", "dylora"])
 def test_the_file_rebuilt_by_the_published_formula_is_the_live_model(module, tiny_sd, tmp_path):
     from lorasmith.train.config import load_config
     from lorasmith.train.models import load_components
@@ -50,31 +81,22 @@ def test_the_file_rebuilt_by_the_published_formula_is_the_live_model(module, tin
     tensors = load_file(str(file))
     with safe_open(str(file), "pt") as handle:
         meta = handle.metadata()
-    expected_module = "lycoris.kohya" if module in ("loha", "lokr") else "networks.lora"
+    expected_module = {"loha": "lycoris.kohya", "lokr": "lycoris.kohya", "dylora": "networks.dylora"}.get(
+        module, "networks.lora")
     assert meta["ss_network_module"] == expected_module
     args = json.loads(meta["ss_network_args"])
     assert args.get("algo") == (module if module in ("loha", "lokr") else None)
     assert args["conv_dim"] == ("4" if module == "locon" else "2")
 
     base = load_components(str(tiny_sd), ("unet",)).unet
-    layers = {"lora_unet_" + name.replace(".", "_"): m for name, m in base.named_modules()}
-    by_module: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        name, suffix = key.split(".", 1)
-        by_module.setdefault(name, {})[suffix] = tensor
-    marks = {"lora": "lora_down.weight", "locon": "lora_down.weight", "loha": "hada_w1_a", "lokr": "lokr_w1"}
-    assert all(marks[module] in parts for parts in by_module.values())
-    assert any(layers[name].weight.dim() == 4 and layers[name].weight.shape[-1] == 3 for name in by_module)  # 3×3
-    largest = 0.0
-    with torch.no_grad():
-        for name, parts in by_module.items():
-            change = delta(parts, layers[name].weight.shape)
-            layers[name].weight += change
-            largest = max(largest, float(change.abs().max()))
-        sample = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-        context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
-        live = result.unet.eval()(sample, 500, context).sample
-        torch.testing.assert_close(base(sample, 500, context).sample, live, atol=1e-5, rtol=0)
+    modules = modules_of(tensors)
+    marks = {"lora": "lora_down.weight", "locon": "lora_down.weight", "loha": "hada_w1_a", "lokr": "lokr_w1",
+             "dylora": "lora_down.weight"}
+    assert all(marks[module] in parts for parts in modules.values())
+    layers = kohya_layers(base)
+    assert any(layers[name].weight.dim() == 4 and layers[name].weight.shape[-1] == 3 for name in modules)  # 3×3
+    largest = add_to_base(base, modules)
+    torch.testing.assert_close(unet_output(base), unet_output(result.unet), atol=1e-5, rtol=0)
     assert largest > 1e-4  # it trained: the check is not between two copies of the base
 
 
@@ -99,3 +121,83 @@ def test_loha_resumes_after_sigkill_bit_identical(tiny_sd, tmp_path):
     assert code == 0 and "resumed from" in err, err[-3000:]
     same_lora(out / "test.safetensors", tmp_path / "reference" / "test.safetensors")
     assert any(".hada_w2_b" in k and k.startswith("lora_te_") for k in load_file(str(out / "test.safetensors")))
+
+
+def test_dylora_runs_a_prefix_of_the_ranks_at_alpha_over_b():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lorasmith.train.dylora import RankSampler
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 5), "conv": torch.nn.Conv2d(3, 4, 3, padding=1)})
+    inject_adapter_in_model(LoraConfig(r=6, lora_alpha=3, target_modules=["lin", "conv"]), model)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    ranks = RankSampler([model], unit=2)
+    lin, conv = model["lin"], model["conv"]
+    for layer in ranks.layers:
+        ranks.set_rank(layer, 4)
+    x, image = torch.randn(7, 6), torch.randn(2, 3, 5, 5)
+    out_lin, out_conv = lin(x), conv(image)
+    a, b = lin.lora_A["default"].weight, lin.lora_B["default"].weight
+    expected = lin.base_layer(x) + 3 / 4 * x @ a[:4].T @ b[:, :4].T
+    torch.testing.assert_close(out_lin, expected, atol=1e-6, rtol=0)
+    ca, cb = conv.lora_A["default"].weight, conv.lora_B["default"].weight
+    conv_expected = conv.base_layer(image) + 3 / 4 * torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(image, ca[:4], padding=1), cb[:, :4])
+    torch.testing.assert_close(out_conv, conv_expected, atol=1e-5, rtol=0)
+    (out_lin.square().sum() + out_conv.square().sum()).backward()
+    for down, up in ((a, b), (ca, cb)):
+        assert bool((down.grad[4:] == 0).all()) and bool((up.grad[:, 4:] == 0).all())  # above b: no change
+        assert bool((down.grad[:4].flatten(1).abs().sum(1) > 0).all())  # every rank up to b trains
+    ranks.full()
+    assert lin.scaling["default"] == 0.5
+    torch.testing.assert_close(lin(x), lin.base_layer(x) + 0.5 * x @ a.T @ b.T, atol=1e-6, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    drawn = {rank for _ in range(60) for rank in ranks.draw(generator)}
+    assert drawn == {2, 4, 6}
+
+
+def test_a_dylora_cut_to_fewer_ranks_is_the_model_at_those_ranks(tiny_sd, tmp_path, capsys, monkeypatch):
+    from lorasmith.train.config import load_config
+    from lorasmith.train.dylora import RankSampler
+
+    drawn = []
+    draw = RankSampler.draw
+    monkeypatch.setattr(RankSampler, "draw", lambda self, generator: drawn.append(draw(self, generator)) or drawn[-1])
+    from lorasmith.train.models import load_components
+    from lorasmith.train.trainer import run
+    from lorasmith.use.cli import main as lora
+
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, small_dataset(tmp_path / "data", images=2), tmp_path / "out",
+                          network={"network_module": "dylora", "network_dim": 4, "network_alpha": 2, "unit": 2,
+                                   "conv_dim": 2, "conv_alpha": 1},
+                          optimizer={"learning_rate": 2e-2}, training={"max_train_steps": 4, "train_batch_size": 2})
+    result, _ = run(load_config(preset), progress=False, log=lambda message: None)
+    assert len(drawn) == 4 and {2, 4} <= {b for ranks in drawn for b in ranks} <= {2, 4}  # a draw per step
+    file, cut = tmp_path / "out" / "test.safetensors", tmp_path / "cut.safetensors"
+    lora(["info", str(file)])  # (the tiny model's names are not SD1.5's: the health check complains)
+    assert "DyLoRA: its first 2, 4, … 4 ranks each work alone; `lora resize test.safetensors --rank N`" in \
+        capsys.readouterr().out
+    assert lora(["resize", str(file), "--rank", "3", "--out", str(cut)]) != 0
+    assert "a DyLoRA trained in steps of 2 ranks: --rank must be a multiple of 2" in capsys.readouterr().err
+    assert not cut.exists()
+    assert lora(["resize", str(file), "--rank", "2", "--out", str(cut), "--save-precision", "fp32"]) == 0
+    full, kept = modules_of(load_file(str(file))), modules_of(load_file(str(cut)))
+    assert kept.keys() == full.keys()
+    for name, parts in kept.items():
+        assert parts["lora_down.weight"].shape[0] == 2 and float(parts["alpha"]) == float(full[name]["alpha"])
+        torch.testing.assert_close(parts["lora_down.weight"], full[name]["lora_down.weight"][:2])
+    with safe_open(str(cut), "pt") as handle:
+        assert handle.metadata()["ss_network_module"] == "networks.lora"  # a plain LoRA now
+
+    ranks = RankSampler([result.unet], unit=2)
+    full_output = unet_output(result.unet)
+    for layer in ranks.layers:
+        ranks.set_rank(layer, min(2, layer.r["default"]))
+    at_two = unet_output(result.unet)
+    base = load_components(str(tiny_sd), ("unet",)).unet
+    add_to_base(base, kept)
+    torch.testing.assert_close(unet_output(base), at_two, atol=1e-5, rtol=0)
+    assert float((at_two - full_output).abs().max()) > 1e-4  # the cut is its own, smaller model

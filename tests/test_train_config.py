@@ -59,9 +59,13 @@ def test_sd15_presets_follow_the_usual_advice(tmp_path):
          'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
         ("[model]\nprediction_type = 'v'\n", "model.prediction_type = 'v' is not one of 'auto'"),
         ("[network]\nnetwork_module = 'loha'\nnetwork_dropout = 0.1\n",
-         "network.network_dropout applies to lora and locon; loha uses network.rank_dropout and network.module_dropout"),
+         "network.network_dropout applies to lora, locon and dylora; loha uses network.rank_dropout and "
+         "network.module_dropout"),
         ("[network]\nrank_dropout = 0.1\n", "network.rank_dropout and module_dropout apply to loha and lokr"),
         ("[network]\nnetwork_module = 'loha'\nfactor = 4\n", "network.factor applies to lokr only"),
+        ("[network]\nunit = 4\n", "network.unit applies to dylora only"),
+        ("[network]\nnetwork_module = 'dylora'\nnetwork_dim = 30\nconv_dim = 8\nunit = 4\n",
+         "network.network_dim = 30 and conv_dim = 8 must be multiples of network.unit = 4"),
         ("[network]\nnetwork_module = 'dora'\n", "network.network_module = 'dora' is not one of 'lora', 'locon'"),
     ],
 )

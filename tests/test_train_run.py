@@ -195,14 +195,15 @@ def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_pat
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: gradients are synchronised, so both ranks
     (which see different batches and noise) hold the same LoRA afterwards; a two-process run resumed from a
     mid-run state (each rank restores its own RNG) ends with the same weights again. SDXL with both text
-    encoders trained."""
+    encoders trained; SD1.x as a DyLoRA, whose ranks each process draws for itself."""
     import os
     import shutil
 
     model = request.getfixturevalue("tiny_sd" if family == "sd1" else "tiny_xl")
     sizes = {} if family == "sd1" else {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128}
+    network = {"network_module": "dylora", "unit": 2} if family == "sd1" else {}
     preset = write_preset(tmp_path / "p.toml", model, small_dataset(tmp_path / "data"), tmp_path / "out",
-                          dataset={"flip_aug": True, **sizes}, network={"network_dropout": 0.1},
+                          dataset={"flip_aug": True, **sizes}, network={"network_dropout": 0.1, **network},
                           optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
                           training={"max_train_steps": 4, "train_batch_size": 2},
                           output={"save_state_every_n_steps": 1, "save_last_n_states": 5})

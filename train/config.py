@@ -88,9 +88,10 @@ class DatasetConfig:
 
 @dataclass
 class NetworkConfig:
-    network_module: Literal["lora", "locon", "loha", "lokr"] = "lora"
+    network_module: Literal["lora", "locon", "loha", "lokr", "dylora"] = "lora"
     """lora (with conv_dim: LoCon), locon (conv_dim defaults to network_dim), loha and lokr (LyCORIS' Hadamard
-    and Kronecker products: more capacity per parameter)."""
+    and Kronecker products: more capacity per parameter), dylora (a LoRA whose first unit, 2·unit, … ranks
+    each work alone: pick the rank after training with `lora resize`)."""
     network_dim: int = ranged(64, 1, 4096)
     network_alpha: float = ranged(32.0, 0, low_open=True)
     conv_dim: int = ranged(0, 0, 4096, hint="0 is off")
@@ -100,6 +101,8 @@ class NetworkConfig:
     rank_dropout: float = ranged(0.0, 0, 1, high_open=True, hint="LoHa/LoKr only")
     module_dropout: float = ranged(0.0, 0, 1, high_open=True, hint="LoHa/LoKr only")
     factor: int = ranged(-1, -1, 4096, hint="LoKr only; -1 splits each side as evenly as it divides")
+    unit: int = ranged(1, 1, 4096, hint="DyLoRA only")
+    """DyLoRA: the step between the ranks it trains to work alone; network_dim (and conv_dim) are multiples."""
     use_tucker: bool = False
     """LoHa/LoKr: 3×3 convolutions in Tucker form (hada_t1/t2, lokr_t2), fewer parameters."""
     network_target: Literal["kohya", "attention"] = "kohya"
@@ -341,12 +344,17 @@ def validate(config: Config) -> None:
          f"max_bucket_reso = {d.max_bucket_reso} (Kohya's rule: buckets range around the resolution)"),
         (bool(d.train_data_dir), "dataset.train_data_dir is empty: point it at the folder prep-images wrote"),
         (bool(config.model.pretrained_model.strip()), "model.pretrained_model is empty: give a hub id, a folder or a checkpoint file"),
-        (n.network_module in ("lora", "locon") or not n.network_dropout,
-         f"network.network_dropout applies to lora and locon; {n.network_module} uses network.rank_dropout and "
-         "network.module_dropout"),
+        (n.network_module in ("lora", "locon", "dylora") or not n.network_dropout,
+         f"network.network_dropout applies to lora, locon and dylora; {n.network_module} uses "
+         "network.rank_dropout and network.module_dropout"),
         (n.network_module in ("loha", "lokr") or not (n.rank_dropout or n.module_dropout),
-         "network.rank_dropout and module_dropout apply to loha and lokr; lora uses network.network_dropout"),
+         f"network.rank_dropout and module_dropout apply to loha and lokr; {n.network_module} uses "
+         "network.network_dropout"),
         (n.network_module == "lokr" or n.factor == -1, "network.factor applies to lokr only"),
+        (n.network_module == "dylora" or n.unit == 1, "network.unit applies to dylora only"),
+        (n.network_dim % n.unit == 0 and n.conv_dim % n.unit == 0,
+         f"network.network_dim = {n.network_dim}{f' and conv_dim = {n.conv_dim}' if n.conv_dim else ''} must be "
+         f"multiples of network.unit = {n.unit}"),
         (not (config.model.v_parameterization and config.model.prediction_type == "epsilon"),
          'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
         (bool(o.output_dir.strip()), "output.output_dir is empty: give the folder the LoRA goes to"),

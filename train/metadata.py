@@ -15,6 +15,7 @@ from pathlib import Path
 from lorasmith.captioning.text import tokens
 
 NETWORK_MODULE = "networks.lora"
+DYLORA_MODULE = "networks.dylora"
 
 
 def tag_frequency(items) -> dict[str, dict[str, int]]:
@@ -46,6 +47,11 @@ def is_v2(text_config) -> bool:
     return text_config.hidden_size == 1024 or text_config.hidden_act != "quick_gelu"
 
 
+def network_module(module: str) -> str:
+    """Kohya's ss_network_module: the module `--network_module` names for this type."""
+    return {"loha": "lycoris.kohya", "lokr": "lycoris.kohya", "dylora": DYLORA_MODULE}.get(module, NETWORK_MODULE)
+
+
 def network_arguments(n) -> dict[str, str]:
     """Kohya's ss_network_args: the options `--network_args` would pass, as strings (LyCORIS' `algo=loha`)."""
     args = {}
@@ -60,6 +66,8 @@ def network_arguments(n) -> dict[str, str]:
                     use_tucker=str(n.use_tucker))
     if n.network_module == "lokr":
         args["factor"] = str(n.factor)
+    if n.network_module == "dylora":
+        args["unit"] = str(n.unit)
     if n.network_target != "kohya":
         args["network_target"] = n.network_target
     return args
@@ -92,7 +100,7 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_sd_model_name": model_name(config.model.pretrained_model),
         "ss_base_model_version": version,
         "ss_v2": str(family.name == "sd2"),
-        "ss_network_module": "lycoris.kohya" if n.network_module in ("loha", "lokr") else NETWORK_MODULE,
+        "ss_network_module": network_module(n.network_module),
         "ss_network_dim": n.network_dim,
         "ss_network_alpha": n.network_alpha,
         "ss_network_dropout": n.network_dropout,

@@ -1,4 +1,4 @@
-"""Adapters through peft (LoRA, LoCon, LoHa, LoKr): which layers get one, and the list of what trains.
+"""Adapters through peft (LoRA, LoCon, LoHa, LoKr; DyLoRA is LoRA with drawn ranks): which layers get one, and the list of what trains.
 
 peft's wrappers keep `base_layer`, start with ΔW = 0 (training starts from the base model exactly) and
 compute scaling = alpha / r in one place; we only choose the type and the targets.
@@ -42,7 +42,7 @@ def adapter_config(module: str, dim: int, alpha: float, targets: str, *, dropout
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     common = dict(target_modules=targets, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
-    if module in ("lora", "locon"):
+    if module in ("lora", "locon", "dylora"):
         return LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, **common)
     lycoris = dict(r=dim, alpha=alpha, rank_dropout=rank_dropout, module_dropout=module_dropout,
                    use_effective_conv2d=tucker, init_weights=True, **common)
@@ -55,7 +55,7 @@ def adapter_config(module: str, dim: int, alpha: float, targets: str, *, dropout
 
 def network_options(network) -> dict:
     """The type-specific keyword options of a NetworkConfig, for `add_unet_lora`/`add_text_lora`."""
-    if network.network_module in ("lora", "locon"):
+    if network.network_module in ("lora", "locon", "dylora"):
         return {"module": network.network_module}
     options = dict(module=network.network_module, rank_dropout=network.rank_dropout,
                    module_dropout=network.module_dropout, tucker=network.use_tucker)
@@ -121,7 +121,8 @@ def describe_network(unet, texts, params, network) -> str:
     modules = len(lora_layers(unet))
     text = sum(len(lora_layers(e)) for e in texts)
     where = "Kohya's module set" if network.network_target == "kohya" else "the attention projections"
-    kind = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}[network.network_module]
+    kind = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr",
+            "dylora": f"DyLoRA (unit {network.unit})"}[network.network_module]
     conv = f" + convolutions at rank {network.conv_dim}" if network.conv_dim else ""
     return (f"network: {kind} rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
             f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "

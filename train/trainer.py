@@ -205,6 +205,11 @@ class Trainer(RunEvents):
             for param in group["params"]:
                 param.data = param.data.float()
         self.params = [p for g in groups for p in g["params"]]
+        self.ranks = None
+        if n.network_module == "dylora":
+            from lorasmith.train.dylora import RankSampler
+
+            self.ranks = RankSampler([self.unet, *texts], n.unit)
         if self.accelerator.is_main_process:  # the plan's last line, once the adapters exist to be counted
             print(describe_network(self.unet, texts, self.params, n), flush=True)
         if t.gradient_checkpointing:
@@ -290,10 +295,16 @@ class Trainer(RunEvents):
         import torch
 
         with self.accelerator.accumulate(*self.adapted.values()):
-            loss = self._loss(batch)
-            if self.agree(not bool(torch.isfinite(loss.detach()).all())):  # before backward: weights stay good
-                raise NonFiniteLoss(self.step + 1, float(loss.detach()), self.config)
-            self.accelerator.backward(loss)
+            if self.ranks is not None:  # DyLoRA: this micro-batch's ranks, kept through backward's recompute
+                self.ranks.draw(self.generator)
+            try:
+                loss = self._loss(batch)
+                if self.agree(not bool(torch.isfinite(loss.detach()).all())):  # before backward: weights stay good
+                    raise NonFiniteLoss(self.step + 1, float(loss.detach()), self.config)
+                self.accelerator.backward(loss)
+            finally:
+                if self.ranks is not None:
+                    self.ranks.full()
             if self.accelerator.sync_gradients and self.config.optimizer.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
             self.optimizer.step()

@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA merge: SVD the summed ΔW to this rank (default: ranks concatenated, exact)")
     m.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16",
                    help="precision of the written tensors")
-    r = sub.add_parser("resize", formatter_class=HelpFormatter, help="SVD a LoRA to a lower rank")
+    r = sub.add_parser("resize", formatter_class=HelpFormatter, help="SVD a LoRA to a lower rank",
+                       description="SVD a LoRA to a lower rank. A DyLoRA file (train-lora's network_module = "
+                                   "\"dylora\") is cut to its first --rank ranks instead, which it trained to "
+                                   "work alone; --rank is then a multiple of its unit.")
     r.add_argument("file", type=Path, help="the LoRA to resize (not changed)")
     r.add_argument("--rank", type=at_least(1), required=True, help="the new rank (with --dynamic: the largest)")
     r.add_argument("--dynamic", type=_fraction, default=None, metavar="SHARE",

@@ -154,18 +154,28 @@ def merge(args) -> int:
 def resize(args) -> int:
     from lorasmith.use.generate import read_loras
     from lorasmith.use.lowrank import resize as resize_lora
+    from lorasmith.use.lowrank import dylora_unit, truncate
     from lorasmith.use.merge import kept_lines, lora_metadata, write_lora
 
     lora = read_loras([args.file])[args.file]
     out = args.out or args.file.with_name(f"{args.file.stem}-r{args.rank}{'d' if args.dynamic else ''}.safetensors")
     if out.resolve() == args.file.resolve():
         raise JobError(f"--out {out} is the input file; originals are never overwritten: choose another name")
-    resized, report = resize_lora(lora, args.rank, args.dynamic)
+    unit = dylora_unit(lora)
+    if unit and not args.dynamic:
+        if args.rank % unit:
+            raise JobError(f"{args.file.name} is a DyLoRA trained in steps of {unit} ranks: --rank must be a "
+                           f"multiple of {unit}")
+        resized, note = truncate(lora, args.rank), f"DyLoRA truncated to its first {args.rank} ranks"
+        lines = [f"{len(resized.modules)} modules, rank {args.rank}: the first ranks of each, trained to work alone"]
+    else:
+        resized, report = resize_lora(lora, args.rank, args.dynamic)
+        note = (f"resized to rank ≤ {args.rank} keeping {args.dynamic:.0%} of each ΔW (Frobenius)" if args.dynamic
+                else f"resized to rank {args.rank}")
+        lines = kept_lines(report)
     resized.name = out.name
-    note = (f"resized to rank ≤ {args.rank} keeping {args.dynamic:.0%} of each ΔW (Frobenius)" if args.dynamic
-            else f"resized to rank {args.rank}")
     write_lora(out, resized, lora_metadata(resized, [(lora, 1.0)], note), _dtype(args.save_precision))
-    print("\n".join(kept_lines(report)))
+    print("\n".join(lines))
     print(f"wrote {out}")
     return 0
 

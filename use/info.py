@@ -92,6 +92,7 @@ def describe(path: Path, lora: Lora, table=None, computed_hash: str = "",
              base: str = "this base model") -> tuple[list[str], list[str]]:
     """(lines, problems) for one file."""
     from lorasmith.use.lorafile import family_hint
+    from lorasmith.use.lowrank import dylora_unit
 
     meta = lora.metadata
     unet = sum(1 for k in lora.modules if k.startswith("lora_unet_"))
@@ -101,6 +102,11 @@ def describe(path: Path, lora: Lora, table=None, computed_hash: str = "",
              f"  network: {network_type(lora)}" + (f" ({meta['ss_network_module']})" if meta.get("ss_network_module") else "")
              + "; "
              f"{unet} UNet modules, {len(lora.modules) - unet} text-encoder modules"]
+    unit = dylora_unit(lora)
+    if unit:
+        rank = max(m.rank for m in lora.modules.values())
+        lines.append(f"  DyLoRA: its first {unit}, {2 * unit}, … {rank} ranks each work alone; "
+                     f"`lora resize {path.name} --rank N` keeps the first N")
     blocks: dict[str, set] = {}
     for key, module in lora.modules.items():
         blocks.setdefault(block_of(key), set()).add((module.rank, module.alpha))

@@ -65,6 +65,26 @@ def resize(lora: Lora, rank: int, share: float | None = None) -> tuple[Lora, lis
     return Lora(lora.name, modules, dict(lora.metadata), lora.format), report
 
 
+def dylora_unit(lora: Lora) -> int:
+    """A DyLoRA file's unit (Kohya's `networks.dylora` with its `unit` argument), 0 for any other file."""
+    import json
+
+    if lora.metadata.get("ss_network_module") != "networks.dylora":
+        return 0
+    try:
+        return int(json.loads(lora.metadata.get("ss_network_args") or "{}").get("unit", 1))
+    except (ValueError, TypeError, AttributeError):
+        return 1
+
+
+def truncate(lora: Lora, rank: int) -> Lora:
+    """A DyLoRA's first `rank` ranks of every module, alpha kept: training ran each such prefix alone at
+    alpha / rank, which is how loaders apply the sliced file (Kohya's extract_lora_from_dylora does the same)."""
+    modules = {key: Module(m.down[:rank].contiguous(), m.up[:, :rank].contiguous(), m.alpha, m.alpha_given)
+               for key, m in sorted(lora.modules.items())}
+    return Lora(lora.name, modules, dict(lora.metadata), lora.format)
+
+
 def concatenate(loras: list[tuple[Lora, float]], name: str) -> Lora:
     """One file whose ΔW per module is Σ weightᵢ·ΔWᵢ exactly: downs stacked, ups side by side with each file's
     weight × scale folded in, alpha = the summed rank (scale 1)."""
