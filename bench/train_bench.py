@@ -7,8 +7,8 @@ process, and the whole job's wall time (start to saved file). Rounds interleave,
 
     .venv/bin/python bench/train_bench.py [--rounds 2] [--steps 6] [--skip-sd15]
 
---types compares the network types on the SD1.5-architecture model instead (lora, locon, loha, lokr; rank 16,
-conv rank 16 where the type adapts convolutions): trainable parameters, file size, s/step and peak RSS.
+--types compares the network types on the SD1.5-architecture model instead (lora, locon, loha, lokr, dylora;
+rank 16, conv rank 16 for locon/loha/lokr, DyLoRA unit 4; --modules picks some): trainable parameters, file size, s/step and peak RSS.
 
 --sdxl measures (c) instead: a random-weight model with SDXL base's exact architecture (2.6 G UNet
 parameters, both text encoders) at 512 px, batch 1, rank 16, gradient checkpointing in both contenders (the
@@ -231,14 +231,17 @@ def compare(name: str, contenders: dict[str, list[str]], rounds: int, steps: int
         print(f"  {label:15s} {med[0]:7.3f} s/step   peak RSS {med[1]:7.0f} MiB   whole job {med[2]:6.1f} s")
 
 
-def types(model: Path, root: Path, rounds: int, steps: int) -> None:
+TYPES = ("lora", "locon", "loha", "lokr", "dylora")
+
+
+def types(model: Path, root: Path, rounds: int, steps: int, modules=TYPES) -> None:
     """Each network type on the same target set (Kohya's), interleaved, against plain LoRA."""
     data = root / "data"
     contenders = {}
-    for module in ("lora", "locon", "loha", "lokr"):
+    for module in ("lora", *[m for m in modules if m != "lora"]):
         preset = write_preset(root / f"{module}.toml", model, data, root / module, steps)
-        conv = "" if module == "lora" else f"conv_dim = {RANK}\nconv_alpha = {RANK}\n"
-        preset.write_text(preset.read_text().replace("[network]\n", f"[network]\nnetwork_module = \"{module}\"\n{conv}"),
+        extra = {"lora": "", "dylora": "unit = 4\n"}.get(module, f"conv_dim = {RANK}\nconv_alpha = {RANK}\n")
+        preset.write_text(preset.read_text().replace("[network]\n", f"[network]\nnetwork_module = \"{module}\"\n{extra}"),
                           encoding="utf-8")
         contenders[module] = preset
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
@@ -324,6 +327,8 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true", help="measure states, samples and validation instead")
     parser.add_argument("--sdxl", action="store_true", help="measure the SDXL-architecture model (c) only")
     parser.add_argument("--types", action="store_true", help="compare network types on the SD1.5 architecture")
+    parser.add_argument("--modules", default=",".join(TYPES),
+                        help="with --types: the types to compare (lora always runs, as the baseline)")
     parser.add_argument("--child-reference", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-reference-xl", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-run", nargs=2, help=argparse.SUPPRESS)
@@ -352,7 +357,7 @@ def main() -> None:
             print(f"built random-weight {size} model in {time.perf_counter() - start:.0f} s", flush=True)
             steps = args.steps if size in ("sd15", "sdxl") else max(args.steps, 20)
             if args.types:
-                types(model, root, args.rounds, steps)
+                types(model, root, args.rounds, steps, args.modules.split(","))
             elif args.overhead:
                 overhead(size, model, root, args.rounds, steps)
             else:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import small_dataset, write_preset
+from lorasmith.use.lorafile import read_lora
 from test_train_resume import finish, same_lora, train, wait_for_step
 
 
@@ -97,6 +98,12 @@ def test_the_file_rebuilt_by_the_published_formula_is_the_live_model(module, tin
     assert any(layers[name].weight.dim() == 4 and layers[name].weight.shape[-1] == 3 for name in modules)  # 3×3
     largest = add_to_base(base, modules)
     torch.testing.assert_close(unet_output(base), unet_output(result.unet), atol=1e-5, rtol=0)
+    lora = read_lora(file)  # what `lora generate/merge/resize/info` see: the same ΔW, as exact LoRA factors
+    assert {m.kind for m in lora.modules.values()} == {{"loha": "LoHa", "lokr": "LoKr"}.get(module, "LoRA")}
+    for name, parts in modules.items():
+        shape = layers[name].weight.shape
+        torch.testing.assert_close(lora.modules[name].delta().reshape(shape), delta(parts, shape), atol=1e-6, rtol=0)
+        assert lora.modules[name].weight_shape in (tuple(shape), tuple(shape[:2]))
     assert largest > 1e-4  # it trained: the check is not between two copies of the base
 
 

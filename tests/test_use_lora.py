@@ -176,8 +176,56 @@ def test_a_file_for_another_model_is_one_sentence_and_changes_nothing(tiny_sd, t
     assert not live.get_list_adapters() or not any(live.get_list_adapters().values())  # nothing half-loaded
 
 
+def test_loha_and_lokr_are_read_as_exact_lora_factors():
+    """Each module's ΔW from the exact factors equals the LyCORIS formula computed here from the raw tensors;
+    3×3 convolutions come back in their 4-D layout."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    t = {  # module: its LyCORIS tensors
+        "lora_unet_a_to_q": {"hada_w1_a": r(6, 2), "hada_w1_b": r(2, 5), "hada_w2_a": r(6, 2), "hada_w2_b": r(2, 5),
+                             "alpha": torch.tensor(1.0)},
+        "lora_unet_b_to_k": {"lokr_w1": r(2, 3), "lokr_w2_a": r(3, 2), "lokr_w2_b": r(2, 4),
+                             "alpha": torch.tensor(1.0)},
+        "lora_unet_c_to_v": {"lokr_w1": r(2, 3), "lokr_w2": r(3, 4), "alpha": torch.tensor(7.0)},
+        conv: {"hada_w1_a": r(6, 2), "hada_w1_b": r(2, 36), "hada_w2_a": r(6, 2), "hada_w2_b": r(2, 36),
+               "alpha": torch.tensor(4.0)},
+        "lora_unet_down_blocks_0_downsamplers_0_conv": {"lokr_w1": r(2, 2), "lokr_w2_a": r(3, 2),
+                                                        "lokr_w2_b": r(2, 18)},
+    }
+    expected = {
+        "lora_unet_a_to_q": (t["lora_unet_a_to_q"]["hada_w1_a"] @ t["lora_unet_a_to_q"]["hada_w1_b"])
+        * (t["lora_unet_a_to_q"]["hada_w2_a"] @ t["lora_unet_a_to_q"]["hada_w2_b"]) * 0.5,
+        "lora_unet_b_to_k": torch.kron(t["lora_unet_b_to_k"]["lokr_w1"],
+                                       t["lora_unet_b_to_k"]["lokr_w2_a"] @ t["lora_unet_b_to_k"]["lokr_w2_b"]) * 0.5,
+        "lora_unet_c_to_v": torch.kron(t["lora_unet_c_to_v"]["lokr_w1"], t["lora_unet_c_to_v"]["lokr_w2"]),  # whole: 1
+        conv: ((t[conv]["hada_w1_a"] @ t[conv]["hada_w1_b"]) * (t[conv]["hada_w2_a"] @ t[conv]["hada_w2_b"]) * 2.0
+               ).reshape(6, 4, 3, 3),
+    }
+    sampler = t["lora_unet_down_blocks_0_downsamplers_0_conv"]  # no alpha: alpha = rank, scale 1
+    w2 = (sampler["lokr_w2_a"] @ sampler["lokr_w2_b"]).reshape(3, 2, 3, 3)
+    expected["lora_unet_down_blocks_0_downsamplers_0_conv"] = torch.kron(sampler["lokr_w1"][:, :, None, None], w2)
+    lora = parse_lora({f"{name}.{suffix}": v for name, parts in t.items() for suffix, v in parts.items()}, {},
+                      "x.safetensors")
+    for name, want in expected.items():
+        module = lora.modules[name]
+        assert module.weight_shape == tuple(want.shape), name
+        torch.testing.assert_close(module.delta(), want, atol=1e-5, rtol=0)
+    assert lora.modules["lora_unet_a_to_q"].rank == 4 and lora.modules["lora_unet_b_to_k"].rank == 4  # r1·r2
+    assert [lora.modules[n].kind for n in ("lora_unet_a_to_q", "lora_unet_b_to_k")] == ["LoHa", "LoKr"]
+    assert not lora.modules["lora_unet_down_blocks_0_downsamplers_0_conv"].alpha_given
+
+
 @pytest.mark.parametrize("tensors, words", [
-    ({"lora_unet_x.hada_w1_a": torch.zeros(1), "lora_unet_x.hada_w1_b": torch.zeros(1)}, ["LoHa", "LoRA and LoCon"]),
+    ({"lora_unet_x.hada_t1": torch.zeros(1), "lora_unet_x.hada_w1_b": torch.zeros(1)},
+     ["LoHa with Tucker convolutions", "reads LoRA, LoCon, LoHa and LoKr"]),
+    ({"lora_unet_x.hada_w1_a": torch.zeros(2, 1), "lora_unet_x.hada_w1_b": torch.zeros(1, 2)},
+     ["lora_unet_x lacks its hada_w2_a", "incomplete"]),
+    ({"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2_a": torch.zeros(2, 1)},
+     ["lacks its lokr_w2 (or lokr_w2_a and lokr_w2_b)"]),
     ({"lora_unet_a_b.lora_down.weight": torch.zeros(2, 3)}, ["lacks its lora_up", "incomplete"]),
     ({"model.diffusion_model.out.0.weight": torch.zeros(2)}, ["full checkpoint", "--model"]),
     ({"something_else": torch.zeros(2)}, ["not a Kohya LoRA key"]),
@@ -309,3 +357,33 @@ def test_a_locon_file_on_the_fly_equals_its_merged_weights(tiny_sd, plain):
     merge_into({"unet": merged.unet, "text_encoder": merged.text_encoder}, [(lora, 0.6)])
     for x, y in zip(outputs(live.unet, live.text_encoder), outputs(merged.unet, merged.text_encoder)):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_a_loha_file_on_the_fly_is_the_base_plus_its_formula(tiny_sd, plain):
+    """A LoHa (attention, text encoder and 3×3 ResNet convolutions) loaded for generation changes the model
+    by exactly weight · (w1a·w1b) ⊙ (w2a·w2b) · alpha / r, computed here from the raw tensors."""
+    generator = torch.Generator().manual_seed(11)
+    tensors, chosen = {}, {k: v for k, v in plain.items()
+                           if attention_and_text(k) or ("resnets" in k and k.endswith(("conv1", "conv2")))}
+    for key, layer in chosen.items():
+        out, fan_in = layer.shape[0], int(np.prod(layer.shape[1:]))
+        for name, shape in (("hada_w1_a", (out, 2)), ("hada_w1_b", (2, fan_in)), ("hada_w2_a", (out, 2)),
+                            ("hada_w2_b", (2, fan_in))):
+            tensors[f"{key}.{name}"] = torch.randn(*shape, generator=generator) * 0.3
+        tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    lora = parse_lora(tensors, {}, "loha.safetensors")
+    live, merged = pipeline(tiny_sd), pipeline(tiny_sd)
+    load_adapters(live, {"h": lora})
+    activate(live, {"h": 0.6})
+    with torch.no_grad():
+        for key, layer in chosen.items():
+            t = {n: tensors[f"{key}.{n}"] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+            change = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * 0.5 * 0.6
+            model = merged.unet if layer.component == "unet" else merged.text_encoder
+            weight = model.get_submodule(layer.path).weight
+            weight += change.reshape(weight.shape)
+    fresh = pipeline(tiny_sd)
+    base = outputs(fresh.unet, fresh.text_encoder)
+    for x, y, b in zip(outputs(live.unet, live.text_encoder), outputs(merged.unet, merged.text_encoder), base):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        assert float((x - b).abs().max()) > 1e-3  # the LoHa changed something

@@ -25,7 +25,11 @@ def block_of(key: str) -> str:
 
 
 def network_type(lora: Lora) -> str:
-    """LoCon when any convolution beyond 1×1 is adapted (Kohya's conv_dim), LoRA otherwise."""
+    """LoHa/LoKr as the file stores them; else LoCon when any convolution beyond 1×1 is adapted (Kohya's
+    conv_dim), LoRA otherwise."""
+    kinds = sorted({m.kind for m in lora.modules.values()} - {"LoRA"})
+    if kinds:
+        return " + ".join(kinds) + " (LyCORIS; ranks below are those of the exact LoRA factors)"
     spatial = any(m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1) for m in lora.modules.values())
     return "LoCon (LoRA with 3×3 convolutions)" if spatial else "LoRA"
 

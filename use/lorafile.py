@@ -1,4 +1,5 @@
 """LoRA files in the formats users bring, read into one form: Kohya module names, down/up/alpha per module.
+LyCORIS' LoHa and LoKr modules become their exact down/up factors (use/lycoris.py).
 
 lorasmith and Kohya's sd-scripts write `lora_unet_…`/`lora_te_…` with `.lora_down`/`.lora_up`/`.alpha`;
 diffusers and peft write `unet.<module path>.lora_A/.lora_B` with alpha in `lora_adapter_metadata` (or
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasmith.train.export import text_key
+from lorasmith.use.lycoris import LOHA, LOKR, lycoris_module
 
-LYCORIS_MARKS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w2": "LoKr", "lora_mid": "LoCon with Tucker (lora_mid)",
-                 "dora_scale": "DoRA", "oft_blocks": "OFT", "diff": "full-difference (LyCORIS 'full')"}
+LYCORIS_MARKS = {"hada_t1": "LoHa with Tucker convolutions (hada_t1)", "lokr_t2": "LoKr with Tucker convolutions "
+                 "(lokr_t2)", "lora_mid": "LoCon with Tucker (lora_mid)", "dora_scale": "DoRA", "oft_blocks": "OFT",
+                 "diff": "full-difference (LyCORIS 'full')"}
 """Tensor names of adapter types this reader does not turn into down/up pairs, for the refusal's wording."""
-_KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha|"
+                    r"hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
 _PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _PEFT_ALPHA = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.alpha$")
 _TE_PREFIX = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
@@ -41,6 +45,8 @@ class Module:
     alpha: float
     alpha_given: bool = True
     """False when the file had no `.alpha` and alpha = rank was assumed, as Kohya's loaders do."""
+    kind: str = "LoRA"
+    """The file's adapter type: LoRA, or LoHa/LoKr read as their exact LoRA factors."""
 
     @property
     def rank(self) -> int:
@@ -136,6 +142,12 @@ def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
         parts.setdefault(_canonical(match.group(1)), {})[match.group(2)] = tensor
     modules = {}
     for key, part in parts.items():
+        if any(name in part for name in (*LOHA, *LOKR)):
+            missing = _lycoris_missing(part)
+            if missing:
+                raise LoraError(f"{name}: {key} lacks its {missing}; the file is incomplete")
+            modules[key] = lycoris_module(key, part)
+            continue
         if "lora_down.weight" not in part or "lora_up.weight" not in part:
             raise LoraError(f"{name}: {key} lacks its {'lora_up' if 'lora_down.weight' in part else 'lora_down'} "
                             "weight; the file is incomplete")
@@ -144,6 +156,16 @@ def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
         alpha = float(part["alpha"].item()) if "alpha" in part else float(down.shape[0])
         modules[key] = Module(down, up, alpha, "alpha" in part)
     return modules
+
+
+def _lycoris_missing(part: dict) -> str:
+    """The first tensor a LoHa or LoKr module needs and lacks, '' when complete."""
+    if any(name in part for name in LOHA):
+        return next((name for name in LOHA if name not in part), "")
+    for side in ("lokr_w1", "lokr_w2"):
+        if side not in part and not (f"{side}_a" in part and f"{side}_b" in part):
+            return f"{side} (or {side}_a and {side}_b)"
+    return ""
 
 
 def adapter_type(keys) -> str | None:
@@ -162,7 +184,7 @@ def parse_lora(tensors: dict, metadata: dict[str, str] | None, name: str) -> Lor
         raise LoraError(f"{name} holds no tensors")
     other = adapter_type(tensors)
     if other:
-        raise LoraError(f"{name} is a {other} file; lorasmith reads LoRA and LoCon (lora_down/lora_up) files")
+        raise LoraError(f"{name} is a {other} file; lorasmith reads LoRA, LoCon, LoHa and LoKr files")
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
            for k in tensors):
         raise LoraError(f"{name} is a full checkpoint, not a LoRA: pass it as --model")
