@@ -18,8 +18,22 @@ same thing, and what each costs to train:
    trains at each truncated rank against what Kohya / A1111 / ComfyUI compute from a DyLoRA file sliced to that
    many ranks (up[:, :b] @ down[:b] * alpha / b, alpha kept, as kohya's extract_lora_from_dylora.py does), and
    whether its bypass_mode forward runs and matches the default forward.
+4. Whole UNet (--unet, run alone). One layer does not say what a training step costs: per-layer overheads
+   (ΔW rebuilt in every forward, Kronecker products, bypass paths) add up over the ~160 adapted layers of SD1.5
+   while the frozen convolutions do not change. One training step (forward + backward of
+   output.float().square().mean(), no optimizer, grads then set to None) of a random-weight UNet with SD1.5's
+   architecture (train/tiny.py SIZES["sd15"], 256 px latents (1, 4, 32, 32), context (1, 77, 768)), or the tiny
+   one for smoke runs (--unet-size tiny): peft LoRA (the baseline), peft LoKr, LyCORIS LoKr (default and
+   bypass_mode=True forward), peft LoHa and LyCORIS LoHa (bypass_mode=True), rank 16, alpha 16, on the layers
+   train-lora adapts (unet_targets("kohya", conv=False): Kohya's Linear and 1×1 proj_in/proj_out set, no
+   convolution adapters). peft adapters come from the project's adapter_config; LyCORIS' LokrModule/LohaModule
+   are built on the same layer names (factor -1, decompose_both off on both sides, so each layer's Kronecker
+   factors have the same shapes; checked and printed with the trainable-parameter counts). Each variant lives on
+   its own copy of the module tree that shares the frozen base tensors, so the six cost one UNet of memory.
+   Median ms per step over --rounds interleaved rounds after one warm-up, 2 CPU threads, float32.
 
     PYTHONPATH=/path/to/lycoris .venv/bin/python bench/network_libraries.py [--rounds 3] [--batch 2]
+    PYTHONPATH=/path/to/lycoris .venv/bin/python bench/network_libraries.py --unet [--unet-size sd15|tiny] [--rounds 5]
 
 LyCORIS is not a dependency of lorasmith; without it the script says so and exits 2.
 """
@@ -29,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import re
 import statistics
 import sys
 import time
@@ -41,6 +56,8 @@ IN = OUT = 320
 RANK = 8
 ALPHA = 4.0
 STD = 0.1  # the random values given to every adapter tensor before comparing
+UNET_RANK = 16
+UNET_ALPHA = 16.0
 
 PEFT_NAMES = {
     "loha": ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"],
@@ -325,10 +342,129 @@ def dylora(lyc) -> None:
     print("\n".join(bypass_lines))
 
 
+# --------------------------------------------------------------------------------------------------- 4. UNet
+
+
+def share_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are the original's tensors: the module tree is new
+    (peft and LyCORIS can wrap or patch its layers without touching the original), the frozen weights are not
+    duplicated (an SD1.5 UNet is 3.4 GB in float32; six copies would not fit next to the other jobs)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def unet_variants(base: nn.Module, targets: str, lyc) -> list[tuple[str, nn.Module, list, int]]:
+    """(name, model, trainable parameters, adapted layers) for each variant, all on copies of `base`."""
+    from peft import inject_adapter_in_model
+
+    from lorasmith.train.network import adapter_config, freeze_base, lora_layers, lora_parameters
+
+    variants = []
+    peft_names = None
+    for name, module in [("peft LoRA", "lora"), ("peft LoKr", "lokr"), ("peft LoHa", "loha")]:
+        model = inject_adapter_in_model(adapter_config(module, UNET_RANK, UNET_ALPHA, targets), share_copy(base))
+        freeze_base(model)
+        layers = sorted(lora_layers(model))
+        if peft_names is not None and layers != peft_names:
+            raise RuntimeError(f"{name} adapted other layers than peft LoRA")
+        peft_names = layers
+        variants.append((name, model, lora_parameters(model), len(layers)))
+
+    for name, module_class, bypass in [
+        ("LyCORIS LoKr", lyc.LokrModule, None),
+        ("LyCORIS LoKr bypass", lyc.LokrModule, True),
+        ("LyCORIS LoHa bypass", lyc.LohaModule, True),
+    ]:
+        model = share_copy(base).requires_grad_(False)
+        chosen = [(n, m) for n, m in model.named_modules()
+                  if re.fullmatch(targets, n) and isinstance(m, (nn.Linear, nn.Conv2d))]
+        if sorted(n for n, _ in chosen) != peft_names:
+            raise RuntimeError(f"{name}: the regex picks other layers than peft adapted")
+        # factor=-1 and decompose_both=False are the defaults of both LyCORIS and peft's LoKrConfig (as
+        # adapter_config passes them), so each layer gets the same Kronecker factorisation in both.
+        modules = nn.ModuleList(
+            module_class("lora_unet_" + n.replace(".", "_"), m, multiplier=1.0, lora_dim=UNET_RANK, alpha=UNET_ALPHA,
+                         bypass_mode=bypass)
+            for n, m in chosen)
+        for module in modules:
+            module.apply_to()
+        model.lycoris_modules = modules  # registered: alive as long as the model, parameters trainable
+        variants.append((name, model, [p for p in modules.parameters() if p.requires_grad], len(chosen)))
+    order = ["peft LoRA", "peft LoKr", "LyCORIS LoKr", "LyCORIS LoKr bypass", "peft LoHa", "LyCORIS LoHa bypass"]
+    return sorted(variants, key=lambda v: order.index(v[0]))
+
+
+def unet_step(model: nn.Module, params: list, inputs: tuple, check: str = "") -> float:
+    start = time.perf_counter()
+    model(*inputs).sample.float().square().mean().backward()
+    elapsed = time.perf_counter() - start
+    if check and any(p.grad is None for p in params):  # an adapter left out of the graph would run for free
+        raise RuntimeError(f"{check}: {sum(p.grad is None for p in params)} trainable tensors got no gradient")
+    for p in params:
+        p.grad = None
+    return elapsed
+
+
+def unet_bench(lyc, rounds: int, size: str) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from lorasmith.train.network import is_adapter, lora_layers, unet_targets
+    from lorasmith.train.tiny import SIZES
+
+    config = dict(in_channels=4, out_channels=4, **SIZES[size]["unet"])
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**config).requires_grad_(False).train()
+    side = 32 if size == "sd15" else config["sample_size"]  # sd15: 256 px latents; tiny: its own 16×16
+    torch.manual_seed(3)
+    inputs = (torch.randn(1, 4, side, side), torch.tensor([500]),
+              torch.randn(1, 77, config["cross_attention_dim"]))
+    targets = unet_targets("kohya", conv=False)
+    variants = unet_variants(base, targets, lyc)
+    convs = sum(isinstance(m, nn.Conv2d) for n, m in base.named_modules() if re.fullmatch(targets, n))
+
+    print(f"4. Whole UNet ({size}, random weights, {sum(p.numel() for p in base.parameters()) / 1e6:.0f} M "
+          f"parameters frozen): one training step = forward + backward of output.float().square().mean(), "
+          "no optimizer")
+    print(f"   latents {tuple(inputs[0].shape)}, context {tuple(inputs[2].shape)}, float32, "
+          f"{torch.get_num_threads()} CPU threads, rank {UNET_RANK}, alpha {UNET_ALPHA:g}, Kohya's linear set "
+          f"(unet_targets('kohya', conv=False): {variants[0][3]} layers, of which {convs} 1×1 Conv2d), "
+          f"median of {rounds} interleaved rounds after 1 warm-up")
+    times = {name: [] for name, *_ in variants}
+    for name, model, params, _ in variants:
+        unet_step(model, params, inputs, check=name)
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for name, model, params, _ in order:
+            times[name].append(unet_step(model, params, inputs))
+    ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    counts = {name: sum(p.numel() for p in params) for name, _, params, _ in variants}
+    rows = [[name, f"{counts[name]:,}", f"{ms[name]:.0f}", f"{ms[name] / ms['peft LoRA']:.2f}"]
+            for name, *_ in variants]
+    print(table(["variant", "trainable params", "ms/step", "x peft LoRA"], rows))
+    models = {name: model for name, model, *_ in variants}
+    for algo in ("LoKr", "LoHa"):
+        peft_shapes = {"lora_unet_" + n.replace(".", "_"): {k.split(".")[0]: tuple(p.shape)
+                                                             for k, p in layer.named_parameters() if is_adapter(k)}
+                       for n, layer in lora_layers(models[f"peft {algo}"]).items()}
+        for name in (n for n in counts if n.startswith(f"LyCORIS {algo}")):
+            lyc_shapes = {m.lora_name: {k: tuple(p.shape) for k, p in m.named_parameters()}
+                          for m in models[name].lycoris_modules}
+            differ = [n for n in peft_shapes if peft_shapes[n] != lyc_shapes.get(n)]
+            same = "same" if counts[name] == counts[f"peft {algo}"] else "DIFFERENT"
+            layers = (f"same tensors and shapes on all {len(peft_shapes)} layers" if not differ else
+                      f"{len(differ)} layers differ, e.g. {differ[0]}: peft {peft_shapes[differ[0]]}, "
+                      f"LyCORIS {lyc_shapes.get(differ[0])}")
+            print(f"   {name} vs peft {algo}: {same} trainable parameter count, {layers}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
     parser.add_argument("--batch", type=int, default=2, help="batch of the speed inputs (SD1.5 training: 2)")
+    parser.add_argument("--unet", action="store_true",
+                        help="run section 4 alone: one training step of a whole UNet, peft vs LyCORIS")
+    parser.add_argument("--unet-size", choices=["sd15", "tiny"], default="sd15",
+                        help="UNet of --unet: SD1.5's architecture (random weights) or a tiny one for smoke runs")
     args = parser.parse_args()
     try:
         from lycoris.modules import dylora as lyc_dylora
@@ -352,6 +488,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, peft {peft.__version__}, "
           f"lycoris-lora {importlib.metadata.version('lycoris-lora')}")
     print()
+    if args.unet:
+        unet_bench(lyc, args.rounds, args.unet_size)
+        return
     agreement(lyc)
     speed(lyc, args.rounds, args.batch)
     dylora(lyc)
