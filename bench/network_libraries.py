@@ -32,10 +32,10 @@ same thing, and what each costs to train:
    its own copy of the module tree that shares the frozen base tensors, so the six cost one UNet of memory.
    Median ms per step over --rounds interleaved rounds after one warm-up, 2 CPU threads, float32.
 
-    PYTHONPATH=/path/to/lycoris .venv/bin/python bench/network_libraries.py [--rounds 3] [--batch 2]
-    PYTHONPATH=/path/to/lycoris .venv/bin/python bench/network_libraries.py --unet [--unet-size sd15|tiny] [--rounds 5]
+    .venv/bin/python bench/network_libraries.py [--rounds 3] [--batch 2]
+    .venv/bin/python bench/network_libraries.py --unet [--unet-size sd15|tiny] [--rounds 5]
 
-LyCORIS is not a dependency of lorasmith; without it the script says so and exits 2.
+lycoris-lora is a dependency (LoKr's bypass, train/lokr_bypass.py); without it the script says so and exits 2.
 """
 
 from __future__ import annotations

@@ -208,3 +208,48 @@ def test_a_dylora_cut_to_fewer_ranks_is_the_model_at_those_ranks(tiny_sd, tmp_pa
     add_to_base(base, kept)
     torch.testing.assert_close(unet_output(base), at_two, atol=1e-5, rtol=0)
     assert float((at_two - full_output).abs().max()) > 1e-4  # the cut is its own, smaller model
+
+
+@pytest.mark.parametrize("kind, rank", [("linear", 2), ("linear", 64), ("conv1x1", 2), ("conv3x3", 2),
+                                        ("conv3x3", 64)])
+def test_lokr_on_the_activations_equals_peft_building_the_whole_delta(kind, rank):
+    """The bypass (LyCORIS' kron_bypass) gives peft's outputs and gradients, rank dropout included, for
+    decomposed (rank 2) and whole (rank 64) Kronecker factors."""
+    import copy
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.lokr import LoKrLayer
+
+    from lorasmith.train.lokr_bypass import use_bypass
+    from lorasmith.train.network import adapter_config
+
+    torch.manual_seed(0)
+    base = {"linear": torch.nn.Linear(48, 40), "conv1x1": torch.nn.Conv2d(48, 40, 1),
+            "conv3x3": torch.nn.Conv2d(48, 40, 3, padding=1, stride=2)}[kind]
+    peft_model = torch.nn.ModuleDict({"m": base})
+    inject_adapter_in_model(adapter_config("lokr", rank, 3.0, "^m$", rank_dropout=0.3), peft_model)
+    for name, param in peft_model.named_parameters():
+        if "lokr_" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    bypass = copy.deepcopy(peft_model)
+    assert use_bypass(bypass) == 1
+
+    def never(*args, **kwargs):
+        raise AssertionError("the bypass built ΔW")
+    bypass["m"].get_delta_weight = never
+    layer = peft_model["m"]
+    assert isinstance(layer, LoKrLayer)
+    assert ("default" in layer.lokr_w2) == (rank == 64)  # w2 whole at rank 64, decomposed at 2: both covered
+    x = torch.randn(3, 7, 48) if kind == "linear" else torch.randn(2, 48, 9, 9)
+    outputs = []
+    for model in (peft_model, bypass):
+        model.train()
+        torch.manual_seed(5)  # the same rank-dropout draw for both
+        out = model["m"](x)
+        out.square().mean().backward()
+        outputs.append((out, {n: p.grad for n, p in model.named_parameters() if "lokr_" in n}))
+    (out_a, grads_a), (out_b, grads_b) = outputs
+    torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)

@@ -75,7 +75,7 @@ def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: 
     patterns = dict(rank_pattern={CONV_3X3: conv_dim}, alpha_pattern={CONV_3X3: conv_alpha}) if conv_dim else {}
     config = adapter_config(module, dim, alpha, unet_targets(target, bool(conv_dim)), dropout=dropout, **patterns,
                             **extra)
-    return inject_adapter_in_model(config, unet)
+    return _bypassed(inject_adapter_in_model(config, unet), module)
 
 
 def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None,
@@ -88,7 +88,16 @@ def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, la
     if layers is not None:
         targets = targets.replace(r"layers\.\d+\.", rf"layers\.(?:{'|'.join(map(str, range(layers)))})\.")
     config = adapter_config(module, dim, alpha, f"^(?:{targets})$", dropout=dropout, **extra)
-    return inject_adapter_in_model(config, text_encoder)
+    return _bypassed(inject_adapter_in_model(config, text_encoder), module)
+
+
+def _bypassed(model, module: str):
+    """LoKr layers compute their product on the activations (train/lokr_bypass.py)."""
+    if module == "lokr":
+        from lorasmith.train.lokr_bypass import use_bypass
+
+        use_bypass(model)
+    return model
 
 
 def is_adapter(name: str) -> bool:
