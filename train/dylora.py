@@ -32,7 +32,7 @@ class RankSampler:
             if mask is None:
                 return output
             shape = (-1,) + (1,) * (output.dim() - 2) if module.weight.dim() > 2 else (-1,)
-            return output * mask.to(output.device, output.dtype).view(shape)
+            return output * mask.to(output.dtype).view(shape)
         return hook
 
     def draw(self, generator) -> list[int]:
@@ -51,7 +51,8 @@ class RankSampler:
         import torch
 
         rank = layer.r["default"]
-        self.masks[id(layer)] = None if b >= rank else (torch.arange(rank) < b).float()
+        device = layer.lora_A["default"].weight.device  # made where it is used: no copy per forward
+        self.masks[id(layer)] = None if b >= rank else torch.arange(rank, device=device) < b
         layer.scaling["default"] = layer.lora_alpha["default"] / b
 
     def full(self) -> None:

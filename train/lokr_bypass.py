@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from types import MethodType
 
+import torch
+from lycoris.functional.lokr import kron_bypass
+
 _FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
@@ -28,9 +31,6 @@ def use_bypass(model) -> int:
 def _delta_activations(self, adapter: str, x, *args, **kwargs):
     """peft's `_get_delta_activations` contract: ΔW·x for one adapter, rank dropout included (peft drops
     rows of ΔW, which is the same as dropping output channels here)."""
-    import torch
-    from lycoris.functional.lokr import kron_bypass
-
     w1, w1a, w1b, w2, w2a, w2b = (getattr(self, name)[adapter] if adapter in getattr(self, name) else None
                                   for name in _FACTORS)
     base = self.get_base_layer()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasmith.train.export import text_key
-from lorasmith.use.lycoris import LOHA, LOKR, lycoris_module
+from lorasmith.use.lycoris import LOHA, LOKR, lycoris_missing, lycoris_module
 
 LYCORIS_MARKS = {"hada_t1": "LoHa with Tucker convolutions (hada_t1)", "lokr_t2": "LoKr with Tucker convolutions "
                  "(lokr_t2)", "lora_mid": "LoCon with Tucker (lora_mid)", "dora_scale": "DoRA", "oft_blocks": "OFT",
@@ -142,8 +142,8 @@ def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
         parts.setdefault(_canonical(match.group(1)), {})[match.group(2)] = tensor
     modules = {}
     for key, part in parts.items():
-        if any(name in part for name in (*LOHA, *LOKR)):
-            missing = _lycoris_missing(part)
+        if any(tensor in part for tensor in (*LOHA, *LOKR)):
+            missing = lycoris_missing(part)
             if missing:
                 raise LoraError(f"{name}: {key} lacks its {missing}; the file is incomplete")
             modules[key] = lycoris_module(key, part)
@@ -156,16 +156,6 @@ def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
         alpha = float(part["alpha"].item()) if "alpha" in part else float(down.shape[0])
         modules[key] = Module(down, up, alpha, "alpha" in part)
     return modules
-
-
-def _lycoris_missing(part: dict) -> str:
-    """The first tensor a LoHa or LoKr module needs and lacks, '' when complete."""
-    if any(name in part for name in LOHA):
-        return next((name for name in LOHA if name not in part), "")
-    for side in ("lokr_w1", "lokr_w2"):
-        if side not in part and not (f"{side}_a" in part and f"{side}_b" in part):
-            return f"{side} (or {side}_a and {side}_b)"
-    return ""
 
 
 def adapter_type(keys) -> str | None:

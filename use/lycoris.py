@@ -61,6 +61,16 @@ def _alpha(parts: dict, rank: int | None) -> float:
     return float(parts["alpha"].item()) if "alpha" in parts else float(rank or 1)
 
 
+def lycoris_missing(parts: dict) -> str:
+    """The first tensor a LoHa or LoKr module needs and lacks, '' when it is complete."""
+    if any(name in parts for name in LOHA):
+        return next((name for name in LOHA if name not in parts), "")
+    for side in ("lokr_w1", "lokr_w2"):
+        if side not in parts and not (f"{side}_a" in parts and f"{side}_b" in parts):
+            return f"{side} (or {side}_a and {side}_b)"
+    return ""
+
+
 def lycoris_module(key: str, parts: dict):
     """The LoHa or LoKr module `parts` (its tensors by suffix) as a Module of exact down/up factors; for a 3×3
     convolution the factors come back in the layer's 4-D layout."""
