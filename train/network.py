@@ -1,4 +1,5 @@
-"""Adapters through peft (LoRA, LoCon, LoHa, LoKr; DyLoRA is LoRA with drawn ranks): which layers get one, and the list of what trains.
+"""Adapters through peft (LoRA, LoCon, LoHa, LoKr; DyLoRA is LoRA with drawn ranks): which layers get one,
+and the list of what trains.
 
 peft's wrappers keep `base_layer`, start with ΔW = 0 (training starts from the base model exactly) and
 compute scaling = alpha / r in one place; we only choose the type and the targets.

@@ -69,7 +69,9 @@ def dylora_unit(lora: Lora) -> int:
     """A DyLoRA file's unit (Kohya's `networks.dylora` with its `unit` argument), 0 for any other file."""
     import json
 
-    if lora.metadata.get("ss_network_module") != "networks.dylora":
+    from lorasmith.train.metadata import DYLORA_MODULE
+
+    if lora.metadata.get("ss_network_module") != DYLORA_MODULE:
         return 0
     try:
         return int(json.loads(lora.metadata.get("ss_network_args") or "{}").get("unit", 1))
