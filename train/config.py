@@ -413,6 +413,13 @@ def _check_paths(config: Config, path: Path) -> None:
     prompts = config.sample.sample_prompts
     if prompts and not Path(prompts).is_file():
         raise ConfigError(f"{path}: sample.sample_prompts = {prompts} is not a file")
+    if prompts:
+        from lorasmith.prep.sidecar import SidecarError, decode_text
+
+        try:
+            decode_text(Path(prompts).read_bytes())
+        except (SidecarError, OSError) as exc:
+            raise ConfigError(f"{path}: sample.sample_prompts = {prompts} {exc}") from None
 
 
 def to_toml(config: Config) -> str:

@@ -53,7 +53,9 @@ class Previews:
         """One picture per prompt (its own seed, or the run's seed + its index), on any device the same."""
         import torch
 
-        from lorasmith.train.sampling import make_scheduler
+        from PIL import Image
+
+        from lorasmith.train.sampling import NonFinitePicture, make_scheduler
 
         images = []
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -63,6 +65,9 @@ class Previews:
                 positive = self.conditioner.embed([prompt.prompt])
                 negative = self.conditioner.embed([prompt.negative])
                 seed = prompt.seed if prompt.seed is not None else self.seed + i
-                images.append(self.family.render(unet, self.vae, scheduler, positive, negative, prompt, seed,
-                                                 self.device))
+                try:
+                    images.append(self.family.render(unet, self.vae, scheduler, positive, negative, prompt, seed,
+                                                     self.device))
+                except NonFinitePicture:  # a sample must not end the run: grey, which no model draws by chance
+                    images.append(Image.new("RGB", (prompt.width, prompt.height), (128, 128, 128)))
         return images

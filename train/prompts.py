@@ -7,10 +7,15 @@ Kohya's: 512×512, 30 steps, scale 7.5, no negative prompt.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+MAX_SIDE = 4096
+"""The largest picture side taken: twice SDXL's native size; past it the VAE alone needs tens of GiB."""
+MAX_STEPS = 1000
+"""Kohya's clamp on `--s`."""
 _OPTION = re.compile(r"^(ss|n|w|h|d|l|s)\s+(.*)$", re.IGNORECASE | re.DOTALL)
 
 
@@ -49,15 +54,21 @@ def parse_line(line: str, defaults: Prompt | None = None) -> tuple[Prompt | None
                 values["sampler"] = value
             elif key in ("w", "h"):
                 size = int(value)
-                if size < 64 or size % 8:
-                    raise ValueError(f"--{key} {value}: sizes must be multiples of 8 from 64")
+                if size < 64 or size % 8 or size > MAX_SIDE:
+                    raise ValueError(f"--{key} {value}: sizes must be multiples of 8 from 64 to {MAX_SIDE}")
                 values["width" if key == "w" else "height"] = size
             elif key == "d":
                 values["seed"] = int(value)
             elif key == "l":
-                values["scale"] = float(value)
+                scale = float(value)
+                if not math.isfinite(scale):
+                    raise ValueError(f"--l {value}: the CFG scale must be a finite number")
+                values["scale"] = scale
             elif key == "s":
-                values["steps"] = max(1, min(1000, int(value)))  # Kohya's clamp
+                steps = int(value)
+                values["steps"] = max(1, min(MAX_STEPS, steps))  # Kohya's clamp
+                if steps != values["steps"]:
+                    problems.append(f"--s {value}: steps are from 1 to {MAX_STEPS}; using {values['steps']}")
         except ValueError as exc:
             problems.append(str(exc) if str(exc).startswith("--") else f"--{key} {value}: not a number")
     if not prompt:
@@ -78,4 +89,14 @@ def parse_prompts(text: str, source: str = "prompts", defaults: Prompt | None = 
 
 
 def read_prompts(path: Path, defaults: Prompt | None = None) -> tuple[list[Prompt], list[str]]:
-    return parse_prompts(path.read_text(encoding="utf-8", errors="replace"), path.name, defaults)
+    """A prompts file read by the sidecar rule (UTF-8, a mark dropped, UTF-16 recognised): text in another
+    encoding is a SidecarError naming the file, never prompts full of replacement characters."""
+    from lorasmith.prep.sidecar import SidecarError, decode_text
+
+    try:
+        text = decode_text(path.read_bytes())
+    except SidecarError as exc:
+        raise SidecarError(f"prompts file {path} {exc}") from None
+    except OSError as exc:
+        raise SidecarError(f"prompts file {path} cannot be read: {exc.strerror or exc}") from None
+    return parse_prompts(text, path.name, defaults)

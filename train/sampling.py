@@ -60,8 +60,23 @@ def _start(unet, scale: int, prompt: Prompt, seed: int):
     return latents, generator
 
 
+class NonFinitePicture(ValueError):
+    """A picture whose pixels came out NaN or infinite: saved, it would be a black square that looks drawn."""
+
+
+def finite_picture(pipe, images):
+    """The first of a pipeline's numpy pictures as PIL (the same conversion as `output_type="pil"`), or
+    NonFinitePicture when its values are not finite."""
+    import numpy as np
+
+    if not np.isfinite(images).all():
+        raise NonFinitePicture("the picture came out NaN or infinite (a LoRA or emphasis weight too strong for "
+                               "the model, or an fp16 overflow: try lower weights or --precision fp32/bf16)")
+    return pipe.numpy_to_pil(images)[0]
+
+
 def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt, seed: int, device):
-    """One picture for `prompt` with embeddings already computed."""
+    """One picture for `prompt` with embeddings already computed; NonFinitePicture rather than a black one."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -69,9 +84,10 @@ def generate(unet, vae, tokenizer, scheduler, positive, negative, prompt: Prompt
     pipe.set_progress_bar_config(disable=True)
     latents, generator = _start(unet, pipe.vae_scale_factor, prompt, seed)  # scale 8 for SD's VAE, less if smaller
     dtype = positive.dtype
-    return pipe(prompt_embeds=positive.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
+    images = pipe(prompt_embeds=positive.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
                 height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps, generator=generator,
-                guidance_scale=prompt.scale, latents=latents.to(device, dtype), output_type="pil").images[0]
+                guidance_scale=prompt.scale, latents=latents.to(device, dtype), output_type="np").images
+    return finite_picture(pipe, images)
 
 
 def generate_xl(unet, vae, scheduler, positive: dict, negative: dict, prompt: Prompt, seed: int, device):
@@ -104,13 +120,20 @@ def label_font(size: int):
 
 
 def fit_text(draw, text: str, width: float, font) -> str:
-    """`text`, or as much of it as fits in `width` pixels followed by an ellipsis."""
-    if draw.textlength(text, font=font) <= width:
+    """`text`, or as much of it as fits in `width` pixels followed by an ellipsis. No glyph is narrower than a
+    pixel, so at most `width` characters are ever measured, and the cut is found by bisection: a 10,000-word
+    prompt costs a dozen measurements, not thousands."""
+    limit = max(1, int(width))
+    if len(text) <= limit and draw.textlength(text, font=font) <= width:
         return text
-    cut = text
-    while len(cut) > 1 and draw.textlength(cut + "…", font=font) > width:
-        cut = cut[:-1]
-    return cut + "…"
+    low, high = 1, min(len(text), limit)  # the longest fitting prefix lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if draw.textlength(text[:middle] + "…", font=font) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + "…"
 
 
 def make_grid(images: list[Image.Image], labels: list[str], title: str, tile: int = TILE) -> Image.Image:

@@ -19,13 +19,23 @@ fit, 130/143 stopped by Ctrl-C/SIGTERM.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from lorasmith.prep.cli import HelpFormatter, at_least, guarded, printable_output
+from lorasmith.train.prompts import MAX_SIDE
 from lorasmith.train.sampling import ALIASES, SAMPLERS
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+GENERATE_HELP = """Draw with LoRAs at weights: text-to-image, image-to-image (--init-image), strength sweeps.
+
+  lora generate --model BASE --lora clay.safetensors:0.8 --prompt "claymation style, a fox"
+  lora generate --model BASE --prompts my-prompts.txt --lora-dir out/lora     # <lora:NAME:W> tags
+  lora generate --model BASE --lora 'out/clay-*.safetensors' --prompt "claymation style, a fox" --sweep
+
+Pictures carry A1111's parameters; a second run with the same settings draws only what is missing. A prompt
+tag loads files inside the LoRA folders only. Weights are finite numbers within ±100."""
 
 
 def _fraction(text: str) -> float:
@@ -38,28 +48,45 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _weights(text: str) -> list[float]:
+def _finite(text: str) -> float:
     try:
-        return [float(w) for w in text.replace(",", " ").split()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers such as 0,0.5,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _weights(text: str) -> list[float]:
+    from lorasmith.use.jobs import JobError, check_weight
+
+    try:
+        return [check_weight(float(w), "--weights") for w in text.replace(",", " ").split()]
+    except ValueError as exc:
+        reason = str(exc) if isinstance(exc, JobError) else f"expected numbers such as 0,0.5,1, got {text!r}"
+        raise argparse.ArgumentTypeError(reason) from None
 
 
 def _size(text: str) -> int:
     value = at_least(64)(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    if value % 8 or value > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 from 64 to {MAX_SIDE}, got {value}")
     return value
+
+
+MODEL_HELP = ("a hub id, a diffusers folder or a single-file checkpoint (.safetensors or .ckpt, SD1.x or SD2.x, as "
+              "downloaded from civitai), as model.pretrained_model in presets")
 
 
 def _model(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
-                   help="base model: hub id or diffusers folder, as model.pretrained_model in presets")
+                   help=f"base model: {MODEL_HELP}")
 
 
 def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="text-to-image and image-to-image with LoRAs at weights",
-                       formatter_class=HelpFormatter, description=__doc__)
+                       formatter_class=HelpFormatter, description=GENERATE_HELP)
     _model(g)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA and its weight (default 1; negative or above 1 allowed); repeat for several; "
@@ -84,7 +111,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=None, help="first seed; later pictures count up (default: random)")
     g.add_argument("--n", type=at_least(1), default=1, help="pictures per prompt (and per init picture)")
     g.add_argument("--steps", type=at_least(1), default=30, help="sampling steps")
-    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--cfg", type=_finite, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--w", type=_size, default=512, help="width; image-to-image keeps the picture's aspect at about w×h")
     g.add_argument("--h", type=_size, default=512, help="height")
     g.add_argument("--clip-skip", type=at_least(1), default=1,
@@ -108,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     m = sub.add_parser("merge", formatter_class=HelpFormatter,
                        help="bake LoRAs into the base model, or merge several LoRAs into one file")
-    m.add_argument("--model", default=None, help="base model (hub id or diffusers folder): the LoRAs are baked into "
-                                                 "it; without it, the LoRAs are merged into one LoRA file")
+    m.add_argument("--model", default=None, help=f"base model ({MODEL_HELP}): the LoRAs are baked into it; without "
+                                                 "it, the LoRAs are merged into one LoRA file")
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]", help="a LoRA and its weight")
-    m.add_argument("--out", type=Path, required=True, help="the file (or diffusers folder) to write")
+    m.add_argument("--out", type=Path, required=True,
+                   help="the file (or diffusers folder) to write; never an input, and never a folder lorasmith "
+                        "did not write")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists (a file, or a folder an "
+                                                           "earlier lora merge wrote)")
     m.add_argument("--format", choices=["checkpoint", "diffusers"], default="checkpoint",
                    help="with --model: one original-layout .safetensors (A1111, ComfyUI) or a diffusers folder")
     m.add_argument("--rank", type=at_least(1), default=None,
@@ -127,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dynamic", type=_fraction, default=None, metavar="SHARE",
                    help="per module, the smallest rank keeping this share of ΔW's Frobenius norm, e.g. 0.9")
     r.add_argument("--out", type=Path, default=None, help="output file (default: FILE-r<rank>.safetensors beside it)")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the input)")
     r.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16",
                    help="precision of the written tensors")
     i = sub.add_parser("info", formatter_class=HelpFormatter, help="what a LoRA file is, and whether it is healthy")
     i.add_argument("files", type=Path, nargs="+", help="LoRA files")
-    i.add_argument("--model", default=None, help="check the names against this base model (default: the SD1.5 "
-                                                 "architecture, built without weights)")
+    i.add_argument("--model", default=None, help=f"check the names against this base model ({MODEL_HELP}); "
+                                                 "default: the public architecture the file's metadata names "
+                                                 "(SD1.5), built without weights")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import replace
@@ -32,7 +33,12 @@ def _prompts(args) -> list:
             raise JobError("give --prompt or --prompts FILE, not both")
         if not args.prompts.is_file():
             raise JobError(f"--prompts {args.prompts}: no such file")
-        prompts, warnings = read_prompts(args.prompts, defaults)
+        from lorasmith.prep.sidecar import SidecarError
+
+        try:
+            prompts, warnings = read_prompts(args.prompts, defaults)
+        except SidecarError as exc:
+            raise JobError(f"--prompts: {exc}") from None
         _warn(warnings)
         if not prompts:
             raise JobError(f"--prompts {args.prompts} holds no prompt lines")
@@ -75,15 +81,42 @@ def _with_tags(jobs, tagger_name: str | None, problems: list[str]) -> None:
         job.prompt = replace(job.prompt, prompt=", ".join(p for p in (job.prompt.prompt, tags[job.init]) if p))
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _check_prompts(jobs) -> None:
+    """Every prompt's emphasis read before any model loads, so a typo on line 40 costs no drawing time."""
+    from lorasmith.use.weights import PromptError, parse_attention
+
+    for job in jobs:
+        for what, text in (("prompt", job.prompt.prompt), ("negative prompt", job.prompt.negative)):
+            try:
+                parse_attention(text)
+            except PromptError as exc:
+                raise JobError(f"{str(exc).replace(' in the prompt', f' in the {what}')} ({text[:60]!r})") from None
+
+
+def _check_sizes(jobs, device: str, dtype) -> None:
+    from lorasmith.use.budget import available_bytes, too_big
+
+    width, height = max(((j.prompt.width, j.prompt.height) for j in jobs), key=lambda s: s[0] * s[1])
+    problem = too_big(width, height, dtype.itemsize, available_bytes(device))
+    if problem:
+        raise JobError(problem)
+
+
 def generate(args) -> int:
     from functools import partial
 
-
-    from lorasmith.use.generate import Settings, contact_sheet, prepare, read_loras, run_jobs, sweep
+    from lorasmith.use.generate import Settings, prepare, read_loras
+    from lorasmith.use.outputs import writing
     from lorasmith.use.render import Renderer, model_hash, pick_device
 
     if args.tags and args.init_image is None:
         raise JobError("--tags tags the init pictures: give --init-image too")
+    if args.out.exists() and not args.out.is_dir():
+        raise JobError(f"--out {args.out} is a file; pictures go into a folder: choose a folder name")
     files = expand_loras(args.lora)
     if args.sweep and not files:
         raise JobError("--sweep compares LoRA files: give at least one --lora")
@@ -91,6 +124,7 @@ def generate(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     jobs = plan_jobs(_prompts(args), [] if args.sweep else files, folders, seed, args.n, _inits(args.init_image),
                      args.strength)
+    _check_prompts(jobs)
     problems: list[str] = []
     if args.tags:
         _with_tags(jobs, args.tagger, problems)
@@ -98,9 +132,17 @@ def generate(args) -> int:
     settings = Settings(args.model, args.out, args.sampler, args.clip_skip, args.device, args.precision,
                         args.overwrite, not args.quiet)
     device, dtype = pick_device(args.device, args.precision)
+    _check_sizes(jobs, device, dtype)
     factory = partial(Renderer, args.model, device=device, dtype=dtype, clip_skip=args.clip_skip)
     digest = model_hash(args.model)
-    prepare(jobs, settings)
+    with writing(args.out):
+        prepare(jobs, settings)
+    return _draw(args, jobs, files, settings, factory, loras, digest, problems)
+
+
+def _draw(args, jobs, files, settings, factory, loras, digest, problems) -> int:
+    from lorasmith.use.generate import contact_sheet, run_jobs, sweep
+
     if args.sweep:
         if any(job.loras for job in jobs):
             raise JobError("--sweep compares the --lora files: take the <lora:…> tags out of the prompts")
@@ -112,7 +154,7 @@ def generate(args) -> int:
         return 1 if problems else 0
     result, drawn = run_jobs(jobs, settings, factory, loras, digest, problems)
     _warn(problems)
-    sheet = contact_sheet(drawn, settings, f"{Path(args.model.rstrip('/')).name}, {len(drawn)} pictures")
+    sheet = contact_sheet(drawn, settings, f"{Path(args.model.rstrip('/')).name}, {_plural(len(drawn), 'picture')}")
     each = f", {result.seconds / len(result.written):.2f} s each" if result.written else ""
     print(f"{len(result.written)} picture(s) written, {len(result.skipped)} already there (--overwrite redraws), "
           f"{len(problems)} problem(s){each}; contact sheet {sheet}")
@@ -123,14 +165,21 @@ def merge(args) -> int:
     from lorasmith.use.generate import read_loras
     from lorasmith.use.lowrank import concatenate, svd_merge
     from lorasmith.use.merge import kept_lines, lora_metadata, merge_checkpoint, write_lora
+    from lorasmith.use.outputs import check_file_output, check_folder_output, writing
 
     files = expand_loras(args.lora)
+    inputs = [p for p, _ in files] + ([Path(args.model)] if args.model else [])
+    if args.model and args.format == "diffusers":
+        check_folder_output(args.out, inputs, args.overwrite)
+    else:
+        check_file_output(args.out, inputs, args.overwrite)
     read = read_loras([p for p, _ in files])
     loras = [(read[p], w) for p, w in files]
     if args.model:
         if args.rank:
             raise JobError("--rank applies to merging LoRAs into one LoRA; leave out --model for that")
-        path, changed = merge_checkpoint(args.model, loras, args.out, args.format, _dtype(args.save_precision))
+        with writing(args.out):
+            path, changed = merge_checkpoint(args.model, loras, args.out, args.format, _dtype(args.save_precision))
         print(f"{len(loras)} LoRA(s) baked into {args.model} ({changed} layers changed): {path}")
         return 0
     if args.out.suffix != ".safetensors":
@@ -142,7 +191,8 @@ def merge(args) -> int:
     else:
         merged = concatenate(loras, args.out.name)
         note = "ranks concatenated (exact merge)"
-    write_lora(args.out, merged, lora_metadata(merged, loras, note), _dtype(args.save_precision))
+    with writing(args.out):
+        write_lora(args.out, merged, lora_metadata(merged, loras, note), _dtype(args.save_precision))
     if report:
         print("\n".join(kept_lines(report)))
     ranks = sorted({m.rank for m in merged.modules.values()})
@@ -156,11 +206,17 @@ def resize(args) -> int:
     from lorasmith.use.lowrank import resize as resize_lora
     from lorasmith.use.lowrank import dylora_unit, truncate
     from lorasmith.use.merge import kept_lines, lora_metadata, write_lora
+    from lorasmith.use.outputs import check_file_output, writing
 
-    lora = read_loras([args.file])[args.file]
     out = args.out or args.file.with_name(f"{args.file.stem}-r{args.rank}{'d' if args.dynamic else ''}.safetensors")
-    if out.resolve() == args.file.resolve():
+    if out.exists() and os.path.samefile(out, args.file):
         raise JobError(f"--out {out} is the input file; originals are never overwritten: choose another name")
+    check_file_output(out, [args.file], args.overwrite)
+    lora = read_loras([args.file])[args.file]
+    top = max(m.rank for m in lora.modules.values())
+    if top <= args.rank and not args.dynamic:
+        raise JobError(f"{args.file.name} is rank {top} already (no module above {args.rank}): resizing to "
+                       f"--rank {args.rank} would only copy it; choose a rank below {top}")
     unit = dylora_unit(lora)
     if unit and not args.dynamic:
         if args.rank % unit:
@@ -173,8 +229,12 @@ def resize(args) -> int:
         note = (f"resized to rank ≤ {args.rank} keeping {args.dynamic:.0%} of each ΔW (Frobenius)" if args.dynamic
                 else f"resized to rank {args.rank}")
         lines = kept_lines(report)
+        kept = sum(k.rank_after == k.rank_before for k in report)
+        if kept:
+            lines.append(f"{_plural(kept, 'module')} of rank {args.rank} or less kept their rank")
     resized.name = out.name
-    write_lora(out, resized, lora_metadata(resized, [(lora, 1.0)], note), _dtype(args.save_precision))
+    with writing(out):
+        write_lora(out, resized, lora_metadata(resized, [(lora, 1.0)], note), _dtype(args.save_precision))
     print("\n".join(lines))
     print(f"wrote {out}")
     return 0
@@ -183,8 +243,8 @@ def resize(args) -> int:
 def info(args) -> int:
     from lorasmith.train.export import addnet_hashes
     from lorasmith.use.apply import layer_table
-    from lorasmith.use.info import describe, reference_table
-    from lorasmith.use.lorafile import LoraError, family_hint, read_lora
+    from lorasmith.use.info import describe, reference
+    from lorasmith.use.lorafile import LoraError, read_lora
 
     model_table = None
     if args.model:
@@ -201,12 +261,11 @@ def info(args) -> int:
             print(f"{path.name}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        family = family_hint(lora)
-        if model_table is None and family not in references:
-            references[family] = reference_table(family)
-        table = model_table if model_table is not None else references[family]
-        base = "this base model" if model_table is not None else "the SD1.5 architecture"
-        lines, problems = describe(path, lora, table, addnet_hashes(path.read_bytes())[0], base)
+        if model_table is not None:
+            table, base, names = model_table, "this base model", f"checked against {args.model}"
+        else:
+            table, base, names = reference(lora, references)
+        lines, problems = describe(path, lora, table, addnet_hashes(path.read_bytes())[0], base, names)
         print("\n".join(lines))
         failed += bool(problems)
     return 1 if failed else 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorasmith.use.jobs import Job, fit_size, name_jobs, settings_key
+from lorasmith.use.outputs import writing
 from lorasmith.use.pnginfo import A1111_SAMPLERS, parameters_text, save_png
 
 
@@ -43,11 +44,11 @@ def adapter_names(files: list[Path]) -> dict[Path, str]:
 def read_loras(files) -> dict[Path, object]:
     """Each file once, read and checked for format before any model loads."""
     from lorasmith.train.export import addnet_hashes
-    from lorasmith.use.lorafile import read_lora
+    from lorasmith.use.lorafile import check_lora, read_lora
 
     loras = {}
     for path in dict.fromkeys(files):
-        lora = read_lora(path)
+        lora = check_lora(read_lora(path))
         if "sshs_model_hash" not in lora.metadata:
             lora.metadata["sshs_model_hash"] = addnet_hashes(Path(path).read_bytes())[0]
         loras[path] = lora
@@ -64,6 +65,10 @@ def _parameters(job: Job, settings: Settings, loras: dict, model_hash: str) -> s
               "Clip skip": settings.clip_skip if settings.clip_skip > 1 else None,
               "Version": "lorasmith"}
     return parameters_text(p.prompt, p.negative, values, used)
+
+
+def _loras_text(job: Job, loras: dict) -> str:
+    return ", ".join(f"{loras[p].stem}:{w:g}" for p, w in job.loras.items()) or "no LoRA"
 
 
 def _init_picture(job: Job):
@@ -83,6 +88,7 @@ def run_jobs(jobs: list[Job], settings: Settings, renderer_factory, loras: dict,
     from tqdm import tqdm
 
     from lorasmith.prep.loading import PictureError
+    from lorasmith.train.sampling import NonFinitePicture
 
     result, drawn, renderer = Result(), [], None
     names = adapter_names(list(loras))
@@ -101,8 +107,14 @@ def run_jobs(jobs: list[Job], settings: Settings, renderer_factory, loras: dict,
             continue
         renderer = renderer or renderer_factory({names[p]: loras[p] for p in loras})
         weights = {names[path]: w for path, w in job.loras.items()}
-        picture = renderer.draw(job.prompt, job.seed, weights, settings.sampler, init, job.strength)
-        save_png(target, picture, _parameters(job, settings, loras, model_hash))
+        try:
+            picture = renderer.draw(job.prompt, job.seed, weights, settings.sampler, init, job.strength)
+        except NonFinitePicture as exc:
+            problems.append(f"{job.name} (seed {job.seed}, {_loras_text(job, loras)}): {exc}; not saved")
+            drawn.append((job, None))
+            continue
+        with writing(target):
+            save_png(target, picture, _parameters(job, settings, loras, model_hash))
         result.written.append(target)
         drawn.append((job, picture))
     result.seconds = time.perf_counter() - started
@@ -121,7 +133,7 @@ def contact_sheet(drawn: list, settings: Settings, title: str) -> Path:
     tile = max(64, min(settings.tile, 8192 // max(1, len(rows))))  # 200 init pictures still make a sheet one can open
     grid = table_grid(list(rows.values()), list(rows), [], title, tile)
     path = settings.out / f"sheet-{time.strftime('%Y%m%d-%H%M%S')}.png"
-    with atomic_writer(path) as handle:
+    with writing(path), atomic_writer(path) as handle:
         grid.save(handle, format="PNG")
     return path
 
@@ -136,6 +148,7 @@ def sweep(jobs: list[Job], files: list[Path], weights: list[float], settings: Se
     from tqdm import tqdm
 
     from lorasmith.prep.loading import PictureError
+    from lorasmith.train.sampling import NonFinitePicture
 
     names = adapter_names(files)
     renderer = None
@@ -159,13 +172,19 @@ def sweep(jobs: list[Job], files: list[Path], weights: list[float], settings: Se
         for file in files:
             row = []
             for weight in weights:
-                if weight == 0 and base is None:
-                    base = renderer.draw(job.prompt, job.seed, {}, settings.sampler, init, job.strength)
-                row.append(base if weight == 0 else renderer.draw(job.prompt, job.seed, {names[file]: weight},
-                                                                  settings.sampler, init, job.strength))
+                try:
+                    if weight == 0 and base is None:
+                        base = renderer.draw(job.prompt, job.seed, {}, settings.sampler, init, job.strength)
+                    row.append(base if weight == 0 else renderer.draw(job.prompt, job.seed, {names[file]: weight},
+                                                                      settings.sampler, init, job.strength))
+                except NonFinitePicture as exc:
+                    problems.append(f"sweep cell {loras[file].stem} at weight {weight:g} (seed {job.seed}): {exc}; "
+                                    "left empty")
+                    row.append(None)
             rows.append(row)
-        result.grids.append(save_png(path, _sweep_grid(job, rows, [loras[p] for p in files], weights, settings),
-                                     _sweep_parameters(job, [loras[p] for p in files], weights, model_hash)))
+        with writing(path):
+            result.grids.append(save_png(path, _sweep_grid(job, rows, [loras[p] for p in files], weights, settings),
+                                         _sweep_parameters(job, [loras[p] for p in files], weights, model_hash)))
     bar.close()
     result.seconds = time.perf_counter() - started
     return result

@@ -9,12 +9,15 @@ from PIL import Image, ImageDraw
 from lorasmith.train.sampling import fit_text, label_font
 
 PAD, LINE = 6, 16
+MAX_LABEL = 220
 
 
 def _margins(row_labels: list[str], column_labels: list[str]) -> tuple[int, int]:
     """The row-label column's width and the header's height."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = min(220, max([math.ceil(probe.textlength(t, font=label_font(13))) + 2 * PAD for t in row_labels] + [0]))
+    # A label is cut at MAX_LABEL characters before it is measured: the column is at most 220 px wide anyway.
+    label_w = min(220, max([math.ceil(probe.textlength(t[:MAX_LABEL], font=label_font(13))) + 2 * PAD
+                            for t in row_labels] + [0]))
     return label_w, LINE + 2 * PAD + (LINE + PAD if any(column_labels) else 0)
 
 

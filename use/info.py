@@ -46,6 +46,11 @@ def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
     bad = [k for k, m in lora.modules.items() if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
     if bad:
         problems.append(f"{len(bad)} modules hold NaN or infinite values (e.g. {bad[0]}): the file is broken")
+    broken = [(k, p) for k, m in sorted(lora.modules.items()) if (p := m.problem()) and k not in bad]
+    if broken:
+        problems.append(f"{len(broken)} modules cannot be used (e.g. {broken[0][0]}: {broken[0][1]}): the file is "
+                        "broken")
+        return problems  # their shapes would mislead the checks below
     zero = [k for k, m in lora.modules.items() if not m.up.any()]
     if zero:
         problems.append(f"{len(zero)} of {len(lora.modules)} modules have an all-zero up weight (untrained: they "
@@ -60,6 +65,32 @@ def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
         except LoraError as exc:
             problems.append(str(exc))
     return problems
+
+
+PUBLIC_BASES = {"SD1.x": "the SD1.5 architecture"}
+"""Families whose public architecture `info` rebuilds (without weights) to check names when no --model is given."""
+
+
+def context_width(lora: Lora) -> int:
+    """The text width the file's cross-attention keys read (attn2.to_k's input), 0 when it adapts none."""
+    return next((int(m.down.shape[1]) for k, m in lora.modules.items() if k.endswith("attn2_to_k")), 0)
+
+
+def reference(lora: Lora, cache: dict) -> tuple[object, str, str]:
+    """(layer table, its name, a note for the user) to check a file's names against when no base model is
+    given: the public architecture its metadata names. A file whose shapes belong to no public base (a custom
+    or test model) gets no table and a note saying its names were not checked, not a verdict."""
+    from lorasmith.use.lorafile import FAMILY_BY_CONTEXT, family_hint
+
+    family, width = family_hint(lora), context_width(lora)
+    if width and FAMILY_BY_CONTEXT.get(width) != family:
+        return None, "", (f"not checked: its cross-attention reads {width}-wide text, which no public {family} base "
+                          "has (a custom base); pass --model BASE to check them")
+    if family not in PUBLIC_BASES:
+        return None, "", f"not checked against {family}: pass --model BASE to check them"
+    if family not in cache:
+        cache[family] = reference_table(family)
+    return cache[family], PUBLIC_BASES[family], f"checked against {PUBLIC_BASES[family]}"
 
 
 def reference_table(family: str):
@@ -92,9 +123,13 @@ def _top_tags(metadata: dict[str, str], count: int = 10) -> list[tuple[str, int]
     return total.most_common(count)
 
 
+LEGACY_OFFSET = 0x100000
+"""A1111's legacy hash reads 64 KiB from 1 MiB into the file: of a smaller file it hashes nothing."""
+
+
 def describe(path: Path, lora: Lora, table=None, computed_hash: str = "",
-             base: str = "this base model") -> tuple[list[str], list[str]]:
-    """(lines, problems) for one file."""
+             base: str = "this base model", names: str = "") -> tuple[list[str], list[str]]:
+    """(lines, problems) for one file; `names` says what its module names were checked against."""
     from lorasmith.use.lorafile import family_hint
     from lorasmith.use.lowrank import dylora_unit
 
@@ -124,15 +159,18 @@ def describe(path: Path, lora: Lora, table=None, computed_hash: str = "",
         lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in tags))
     training = [(label, meta.get(key)) for label, key in (("steps", "ss_steps"), ("epoch", "ss_epoch"),
                 ("of epochs", "ss_num_epochs"), ("resolution", "ss_resolution"), ("lr", "ss_learning_rate"),
-                ("clip skip", "ss_clip_skip"), ("images", "ss_num_train_images"))]
+                ("clip skip", "ss_clip_skip"), ("image views per epoch (images × repeats)", "ss_num_train_images"))]
     if any(v for _, v in training):
         lines.append("  training: " + ", ".join(f"{label} {v}" for label, v in training if v))
     stored = meta.get("sshs_model_hash", "")
     if stored or computed_hash:
         state = "" if not stored else (" (matches the tensors)" if stored == computed_hash else
                                        " (does NOT match the tensors: the file was changed after saving)")
-        lines.append(f"  hashes: sshs_model_hash {stored or computed_hash}{state}; "
-                     f"legacy {meta.get('sshs_legacy_hash', '-')}")
+        legacy = (meta.get("sshs_legacy_hash", "-") if path.stat().st_size > LEGACY_OFFSET else
+                  "n/a (the file is under 1 MiB, where A1111's legacy hash reads nothing)")
+        lines.append(f"  hashes: sshs_model_hash {stored or computed_hash}{state}; legacy {legacy}")
+    if names:
+        lines.append(f"  names: {names}")
     problems = health(lora, table, base)
     lines += [f"  health: {p}" for p in problems] or ["  health: ok"]
     return lines, problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +18,39 @@ from lorasmith.train.prompts import Prompt
 
 LORA_TAG = re.compile(r"<(lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
 SWEEP_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MAX_WEIGHT = 100.0
+"""The largest LoRA weight taken (either sign): far past any useful strength (sliders go to ±10), and well short
+of the values that overflow a layer into a NaN picture."""
+_NUMBER = r"[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|nan|inf|infinity)"
 
 
 class JobError(ValueError):
     """A LoRA argument or tag that names no file, or a weight that is not a number."""
 
 
+def check_weight(value: float, what: str) -> float:
+    """`value` when it is a finite LoRA weight within ±MAX_WEIGHT; else a JobError naming it and `what` it came
+    from, so a typo never draws a NaN picture."""
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise JobError(f"{what}: weight {value:g} is out of range: LoRA weights are numbers between {-MAX_WEIGHT:g} "
+                       f"and {MAX_WEIGHT:g} (1 is full strength)")
+    return value
+
+
 def _weight(text: str, what: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise JobError(f"{what}: weight {text!r} is not a number (write e.g. 0.8 or -0.5)") from None
+    return check_weight(value, what)
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`FILE[:WEIGHT]` → (file or glob pattern, weight); the weight may be negative or above 1."""
+    """`FILE[:WEIGHT]` → (file or glob pattern, weight); the weight may be negative or above 1, within
+    ±MAX_WEIGHT."""
     path, sep, weight = text.rpartition(":")
-    if sep and path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", weight.strip()):
-        return path, float(weight)
+    if sep and path and re.fullmatch(_NUMBER, weight.strip(), re.IGNORECASE):
+        return path, check_weight(float(weight), f"--lora {text}")
     return text, 1.0
 
 
@@ -62,15 +78,28 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return re.sub(r"\s{2,}", " ", text).strip(" ,"), tags
 
 
+def _within(path: Path, folder: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies inside `folder` (resolved too)."""
+    return folder.resolve() in path.resolve().parents
+
+
 def resolve_tag(name: str, folders: list[Path]) -> Path:
-    """A tag's NAME as a file in the LoRA folders: NAME itself, NAME.safetensors, or a file of that stem below."""
+    """A tag's NAME as a file in the LoRA folders: NAME itself, NAME.safetensors, or a file of that stem below.
+    A prompt is text from anywhere (a pasted civitai prompt, a shared prompts file), so a NAME never leaves
+    its folder: no absolute path, no `..`, and no symlink pointing out."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or "\\" in name or re.match(r"^[A-Za-z]:", name):
+        raise JobError(f"<lora:{name}> in the prompt points outside the LoRA folders: a tag names a file inside "
+                       "--lora-dir, e.g. <lora:clay:0.8> or <lora:styles/clay:0.8>")
     for folder in folders:
-        for candidate in (folder / name, folder / f"{name}.safetensors"):
+        candidates = [folder / name, folder / f"{name}.safetensors"]
+        candidates += sorted(folder.rglob(f"{glob.escape(name)}.safetensors")) if folder.is_dir() else []
+        for candidate in candidates:
             if candidate.is_file():
+                if not _within(candidate, folder):
+                    raise JobError(f"<lora:{name}> in the prompt resolves to {candidate.resolve()}, outside "
+                                   f"{folder}: tags load files inside the LoRA folders only")
                 return candidate
-        below = sorted(folder.rglob(f"{glob.escape(name)}.safetensors")) if folder.is_dir() else []
-        if below:
-            return below[0]
     where = ", ".join(str(f) for f in folders) or "no folder"
     raise JobError(f"<lora:{name}> in the prompt names no file: looked for {name}.safetensors in {where} "
                    "(point --lora-dir at the folder that holds it)")

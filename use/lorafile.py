@@ -10,6 +10,7 @@ the Kohya names, so a file's format matters only here.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,17 @@ class LoraError(ValueError):
     """A LoRA file that cannot be read or does not fit; the message is one sentence naming the file."""
 
 
+def _shape(tensor) -> str:
+    return "×".join(map(str, tensor.shape))
+
+
+def _scalar(tensor, name: str, key: str) -> float:
+    """An `.alpha` tensor as its one number; a LoraError when it holds more (or none)."""
+    if tensor.numel() != 1:
+        raise LoraError(f"{name}: {key} holds {tensor.numel()} values ({_shape(tensor)}); an alpha is one number")
+    return float(tensor.item())
+
+
 @dataclass
 class Module:
     down: object
@@ -59,6 +71,24 @@ class Module:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return (int(self.up.shape[0]), *self.down.shape[1:])
+
+    def problem(self) -> str:
+        """What makes this module unusable ('' when nothing): factors whose shapes do not chain, a convolution
+        kernel on `up`, non-finite values. Every subcommand checks it before using the module."""
+        import torch
+
+        down, up = self.down, self.up
+        if down.dim() not in (2, 4) or up.dim() != down.dim():
+            return f"down is {_shape(down)} and up is {_shape(up)}: a LoRA module is two 2-D or two 4-D factors"
+        if up.shape[1] != down.shape[0]:
+            return f"down has rank {down.shape[0]} but up has rank {up.shape[1]} ({_shape(down)}, {_shape(up)})"
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            return f"up is {_shape(up)}: its kernel must be 1×1"
+        if not math.isfinite(self.alpha):
+            return f"alpha is {self.alpha}"
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            return "holds NaN or infinite values"
+        return ""
 
     def delta(self):
         """ΔW = up · down · alpha / rank in float32, shaped like the layer's weight: the one source for merging,
@@ -113,7 +143,7 @@ def _from_peft(tensors: dict, metadata: dict[str, str], name: str) -> dict[str, 
             component, path, which = match.groups()
             pairs.setdefault((component, path), {})[which] = tensor
         elif match := _PEFT_ALPHA.match(key):
-            alphas[match.groups()] = float(tensor.item())
+            alphas[match.groups()] = _scalar(tensor, name, key)
         else:
             raise LoraError(f"{name} holds {key!r}, which is neither a LoRA down/up weight nor an alpha")
     modules = {}
@@ -146,14 +176,20 @@ def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:
             missing = lycoris_missing(part)
             if missing:
                 raise LoraError(f"{name}: {key} lacks its {missing}; the file is incomplete")
-            modules[key] = lycoris_module(key, part)
+            if "alpha" in part:
+                _scalar(part["alpha"], name, f"{key}.alpha")
+            try:
+                modules[key] = lycoris_module(key, part)
+            except RuntimeError:  # factors whose shapes do not multiply
+                shapes = ", ".join(f"{k} {_shape(v)}" for k, v in sorted(part.items()) if k != "alpha")
+                raise LoraError(f"{name}: {key} has factors whose shapes do not fit together ({shapes})") from None
             continue
         if "lora_down.weight" not in part or "lora_up.weight" not in part:
             raise LoraError(f"{name}: {key} lacks its {'lora_up' if 'lora_down.weight' in part else 'lora_down'} "
                             "weight; the file is incomplete")
         down, up = part["lora_down.weight"], part["lora_up.weight"]
         # Without .alpha, Kohya's loaders and A1111 use alpha = rank (scale 1).
-        alpha = float(part["alpha"].item()) if "alpha" in part else float(down.shape[0])
+        alpha = _scalar(part["alpha"], name, f"{key}.alpha") if "alpha" in part else float(down.shape[0])
         modules[key] = Module(down, up, alpha, "alpha" in part)
     return modules
 
@@ -199,6 +235,17 @@ def read_lora(path: Path) -> Lora:
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"{path.name} is not a readable safetensors file ({exc})") from None
     return parse_lora(tensors, metadata, path.name)
+
+
+def check_lora(lora: Lora) -> Lora:
+    """`lora` when every module is usable; else a LoraError naming the first broken module and how many are, so
+    nothing is drawn, merged or resized from a file that cannot mean what it says."""
+    broken = [(key, problem) for key, module in sorted(lora.modules.items()) if (problem := module.problem())]
+    if broken:
+        key, problem = broken[0]
+        more = f" ({len(broken)} modules are broken)" if len(broken) > 1 else ""
+        raise LoraError(f"{lora.name}: {key}: {problem}{more}; the file is damaged: export it again")
+    return lora
 
 
 def kohya_tensors(lora: Lora, dtype=None) -> dict:

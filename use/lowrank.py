@@ -59,7 +59,8 @@ def resize(lora: Lora, rank: int, share: float | None = None) -> tuple[Lora, lis
     module's scale alpha/rank so strengths users know still mean the same."""
     modules, report = {}, []
     for key, module in sorted(lora.modules.items()):
-        new, kept = factor(module.delta(), rank, share, module.scale)
+        # ΔW has at most the module's rank: SVD past it would only pad the file with zero singular values.
+        new, kept = factor(module.delta(), min(rank, module.rank), share, module.scale)
         modules[key] = new
         report.append(Kept(key, module.rank, new.rank, kept))
     return Lora(lora.name, modules, dict(lora.metadata), lora.format), report

@@ -16,6 +16,7 @@ from lorasmith.train.family import family_named
 from lorasmith.train.metadata import is_v2, model_name
 from lorasmith.use.lorafile import Lora, kohya_tensors
 from lorasmith.use.lowrank import Kept
+from lorasmith.use.outputs import MARKER, swap_in
 
 
 def inputs_metadata(loras: list[tuple[Lora, float]]) -> str:
@@ -83,10 +84,8 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
                 if dtype is not None and part.dtype != dtype:
                     part.to(dtype)
             save_pipeline(staging, parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler)
-            (staging / "lorasmith_merge.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-            if out.exists():
-                shutil.rmtree(out)
-            staging.rename(out)
+            (staging / MARKER).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+            swap_in(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return out, changed

@@ -61,8 +61,8 @@ class Renderer:
         self.has_adapters = bool(loras)
         if loras:
             load_adapters(self.pipe, loras)
-        if device != "cpu" or dtype not in (None, torch.float32):
-            self.pipe.to(device, dtype)
+        # Every part in the precision asked for, whatever the files hold (a merged fp16 folder drawn in fp32).
+        self.pipe.to(device, dtype or torch.float32)
         self.device, self.clip_skip, self.base_config = device, clip_skip, parts.scheduler.config
         self._schedulers: dict[str, object] = {}
 
@@ -108,14 +108,17 @@ class Renderer:
         import torch
         from diffusers import StableDiffusionImg2ImgPipeline
 
+        from lorasmith.train.sampling import finite_picture
+
         parts = self.pipe.components
         pipe = StableDiffusionImg2ImgPipeline(**{**parts, "scheduler": scheduler, "text_encoder": None})
         pipe.set_progress_bar_config(disable=True)
         dtype = positive.dtype
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt_embeds=positive.to(self.device, dtype), negative_prompt_embeds=negative.to(self.device, dtype),
-                    image=init.resize((prompt.width, prompt.height)), strength=strength, generator=generator,
-                    num_inference_steps=prompt.steps, guidance_scale=prompt.scale, output_type="pil").images[0]
+        images = pipe(prompt_embeds=positive.to(self.device, dtype), negative_prompt_embeds=negative.to(self.device, dtype),
+                      image=init.resize((prompt.width, prompt.height)), strength=strength, generator=generator,
+                      num_inference_steps=prompt.steps, guidance_scale=prompt.scale, output_type="np").images
+        return finite_picture(pipe, images)
 
     def round_trip(self, init):
         """The picture encoded and decoded by the VAE: what strength 0 leaves of it."""

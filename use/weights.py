@@ -18,9 +18,13 @@ Chunking and weighting follow A1111's `sd_hijack_clip` with the "Original" empha
 
 from __future__ import annotations
 
+import math
 import re
 
 BREAK = ("BREAK", -1.0)
+MAX_EMPHASIS = 100.0
+"""The largest `(text:W)` weight taken (either sign); A1111 users stay within 0–2, and past about 1e30 the
+embeddings overflow into a NaN picture."""
 COMMA_BACKTRACK = 20
 """A full chunk is cut after its last comma when that comma is this close to the end (A1111's default)."""
 
@@ -77,6 +81,11 @@ def _parse(text: str, what: str) -> list[tuple[str, float]]:
             except ValueError:
                 raise PromptError(f'weight "{weight}" at character {m.start(1) + 1} in the {what} is not a number: '
                                   f'write a single number, as in (text:1.2)', m.start(1)) from None
+            if not math.isfinite(factor) or abs(factor) > MAX_EMPHASIS:
+                shown = weight if len(weight) <= 16 else weight[:12] + "…"
+                raise PromptError(f'weight "{shown}" at character {m.start(1) + 1} in the {what} is out of range: '
+                                  f'emphasis weights are numbers between {-MAX_EMPHASIS:g} and {MAX_EMPHASIS:g}',
+                                  m.start(1))
             multiply(opened["("].pop()[1], factor)
         elif piece in (")", "]"):
             opener = "(" if piece == ")" else "["
@@ -104,6 +113,10 @@ def _parse(text: str, what: str) -> list[tuple[str, float]]:
             merged[-1][0] += run[0]
         else:
             merged.append(run)
+    for text, weight, is_break in merged:
+        if not is_break and not abs(weight) <= MAX_EMPHASIS:  # nested brackets multiply
+            raise PromptError(f'the emphasis on "{text.strip()[:40]}" in the {what} multiplies to {weight:.3g}, beyond '
+                              f'±{MAX_EMPHASIS:g}: remove some brackets', 0)
     return [(t, w) for t, w, _ in merged] or [("", 1.0)]
 
 
