@@ -253,3 +253,90 @@ def test_lokr_on_the_activations_equals_peft_building_the_whole_delta(kind, rank
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
+def _lycoris_loads(layer) -> bool:
+    """Whether LyCORIS' loader (`LokrModule.make_module_from_state_dict`, as sd-scripts' lycoris.kohya calls it)
+    rebuilds a peft LoKr layer from the tensors lorasmith saves for it."""
+    from lycoris.modules.lokr import LokrModule
+
+    from lorasmith.train.export import layer_tensors
+
+    t = layer_tensors(layer)
+    parts = [t.get(name) for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")]
+    try:
+        with torch.no_grad():
+            LokrModule.make_module_from_state_dict("m", layer.get_base_layer(), *parts, None, None, t["alpha"], None)
+    except RuntimeError:  # a tensor does not fit the layer rebuilt from the guessed factor
+        return False
+    return True
+
+
+def test_every_lokr_split_lorasmith_trains_is_one_lycoris_loader_rebuilds():
+    """peft's split at the configured factor is kept exactly when LyCORIS' loader reads it back (`reads_back`
+    predicts the loader), and is replaced by one it does read otherwise; SD1.5's 640×1920 3×3 convolution at
+    factor -1 is the case that broke."""
+    from peft import inject_adapter_in_model
+
+    from lorasmith.train.lokr_split import reads_back, use_loadable_splits
+    from lorasmith.train.network import adapter_config
+
+    cases = [(out, in_, kernel, rank, factor) for out in (6, 8, 24, 40) for in_ in (8, 20, 72, 120)
+             for kernel in (1, 3) for rank in (1, 2, 4) for factor in (-1, 2, 4, 8)] + [(640, 1920, 3, 8, -1)]
+    broken, wrong = [], []
+    for out, in_, kernel, rank, factor in cases:
+        model = torch.nn.ModuleDict({"m": torch.nn.Conv2d(in_, out, kernel)})
+        config = adapter_config("lokr", rank, rank / 2, "^m$", factor=factor)
+        inject_adapter_in_model(config, model)
+        raw = _lycoris_loads(model["m"])
+        if raw != reads_back(out, in_, kernel * kernel, rank, factor):
+            wrong.append((out, in_, kernel, rank, factor))
+        assert use_loadable_splits(model, config) == (not raw)
+        if not raw:
+            broken.append((out, in_, kernel, rank, factor))
+            assert _lycoris_loads(model["m"]), (out, in_, kernel, rank, factor)
+    assert not wrong
+    assert (24, 72, 3, 2, -1) in broken and (640, 1920, 3, 8, -1) in broken and (8, 8, 1, 1, 4) in broken
+    assert len(broken) < len(cases) / 2  # most splits were readable and kept as configured
+    assert tuple(model["m"].lokr_w1["default"].shape) == (20, 20)  # 640×1920: 20·32 × 20·96, not 20·32 × 40·48
+
+
+def test_lycoris_loads_a_conv_lokr_at_factor_minus_1_with_lorasmiths_delta(tmp_path, monkeypatch):
+    """A LoKr with conv_dim at factor -1 on a UNet whose up_blocks.1.resnets.0.conv1 (24 × 72, 3×3) is SD1.5's
+    640 × 1920 in small: LyCORIS' own `create_lycoris_from_weights` loads every module of the saved file, and
+    each module's ΔW is the one lorasmith's reader gives."""
+    from diffusers import UNet2DConditionModel
+    from lycoris import create_lycoris_from_weights
+    from lycoris.wrapper import LycorisNetwork
+
+    from lorasmith.train.export import kohya_state_dict, save_lora
+    from lorasmith.train.network import add_unet_lora
+
+    shape = dict(block_out_channels=(24, 48), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, sample_size=16)
+    torch.manual_seed(0)
+    unet, base = UNet2DConditionModel(**shape), UNet2DConditionModel(**shape)
+    add_unet_lora(unet, 4, 2, conv_dim=2, conv_alpha=1, module="lokr", factor=-1)
+    for name, param in unet.named_parameters():
+        if "lokr_" in name:
+            torch.nn.init.normal_(param, std=0.2)  # a trained-looking ΔW: peft starts every module at zero
+    file = save_lora(tmp_path / "lokr.safetensors", kohya_state_dict(unet), {"ss_network_module": "lycoris.kohya"})
+    tensors = load_file(str(file))
+    w2b = tensors["lora_unet_up_blocks_1_resnets_0_conv1.lokr_w2_b"]
+    assert w2b.dim() == 2 and w2b.shape[0] == 2 and w2b.shape[1] % 9 == 0  # decomposed, its 3×3 kernel flattened
+
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")  # its preset key lora_prefix; default "lycoris"
+    network, _ = create_lycoris_from_weights(1.0, str(file), base)
+    lora = read_lora(file)
+    loaded = {module.lora_name: module for module in network.loras}
+    assert loaded.keys() == lora.modules.keys() == modules_of(tensors).keys() and len(loaded) == 79
+    assert sum(len(module.shape) == 4 and module.shape[-1] == 3 for module in loaded.values()) == 18
+    largest = 0.0
+    for name, module in loaded.items():
+        with torch.no_grad():
+            theirs = module.get_weight(module.shape)  # what its forward adds at multiplier 1
+        ours = lora.modules[name].delta().reshape(module.shape)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+        largest = max(largest, float(ours.abs().max()))
+    assert largest > 1e-2

@@ -76,7 +76,7 @@ def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: 
     patterns = dict(rank_pattern={CONV_3X3: conv_dim}, alpha_pattern={CONV_3X3: conv_alpha}) if conv_dim else {}
     config = adapter_config(module, dim, alpha, unet_targets(target, bool(conv_dim)), dropout=dropout, **patterns,
                             **extra)
-    return _bypassed(inject_adapter_in_model(config, unet), module)
+    return _prepared(inject_adapter_in_model(config, unet), module, config)
 
 
 def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None,
@@ -89,14 +89,17 @@ def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, la
     if layers is not None:
         targets = targets.replace(r"layers\.\d+\.", rf"layers\.(?:{'|'.join(map(str, range(layers)))})\.")
     config = adapter_config(module, dim, alpha, f"^(?:{targets})$", dropout=dropout, **extra)
-    return _bypassed(inject_adapter_in_model(config, text_encoder), module)
+    return _prepared(inject_adapter_in_model(config, text_encoder), module, config)
 
 
-def _bypassed(model, module: str):
-    """LoKr layers compute their product on the activations (train/lokr_bypass.py)."""
+def _prepared(model, module: str, config):
+    """LoKr layers take Kronecker splits LyCORIS' loader reads back (train/lokr_split.py) and compute their
+    product on the activations (train/lokr_bypass.py)."""
     if module == "lokr":
         from lorasmith.train.lokr_bypass import use_bypass
+        from lorasmith.train.lokr_split import use_loadable_splits
 
+        use_loadable_splits(model, config)
         use_bypass(model)
     return model
 
