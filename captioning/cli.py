@@ -35,6 +35,21 @@ def extension_arg(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace("--caption-extension ", "")) from None
 
+
+def caption_words(text: str) -> str:
+    """Words that go into every caption, on one line: Kohya reads only a caption's first line."""
+    from lorasmith.prep.sidecar import control_character
+
+    found = control_character(text)
+    if found in ("U+000A", "U+000D"):
+        raise argparse.ArgumentTypeError(f"holds a line break ({found}), and Kohya reads only a caption's first "
+                                         "line: give the words on one line")
+    if found:
+        raise argparse.ArgumentTypeError(f"holds a control character ({found}), and a caption is one line of "
+                                         "plain text: give the words without it")
+    return text
+
+
 EPILOG = """\
 Captions are written as `prefix, caption, postfix`: Kohya's keep_tokens and caption shuffling count
 comma-separated tokens, so the trigger phrase must be the first token. A prefix the caption already
@@ -64,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "folder (10_clay), or a training root holding several.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("dir", metavar="DIR", type=Path, help="repeat folder or training root")
-    p.add_argument("--prefix", default="", help="trigger phrase put first in every caption, e.g. 'claymation style'")
-    p.add_argument("--postfix", default="", help="words put last in every caption, e.g. 'high quality'")
-    p.add_argument("--separator", default=DEFAULT_SEPARATOR, help="joins prefix, caption and postfix")
+    p.add_argument("--prefix", type=caption_words, default="",
+                   help="trigger phrase put first in every caption, e.g. 'claymation style'")
+    p.add_argument("--postfix", type=caption_words, default="",
+                   help="words put last in every caption, e.g. 'high quality'")
+    p.add_argument("--separator", type=caption_words, default=DEFAULT_SEPARATOR,
+                   help="joins prefix, caption and postfix")
     p.add_argument("--caption-extension", type=extension_arg, default=".txt",
                    help="sidecar extension; Kohya's captioner writes .caption, which its trainer ignores unless told")
     p.add_argument("--overwrite", action="store_true", help="replace existing captions instead of keeping them")

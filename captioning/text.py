@@ -69,6 +69,24 @@ def frequency(captions: Iterable[str]) -> Counter[str]:
     return counts
 
 
+def check_pattern(old: str, new: str) -> None:
+    """ValueError naming OLD or NEW and where `re` stopped reading it, before any caption is touched."""
+    try:
+        pattern = re.compile(old)
+    except re.error as exc:
+        raise ValueError(_pattern_error("OLD", old, "regular expression", exc)) from None
+    try:
+        pattern.sub(new, "")  # reads NEW's group references (\1, \g<name>) without needing a match
+    except re.error as exc:
+        raise ValueError(_pattern_error("NEW", new, "replacement", exc)) from None
+
+
+def _pattern_error(name: str, text: str, what: str, exc: re.error) -> str:
+    where = f" at position {exc.pos}" if exc.pos is not None else ""
+    return (f"{name} '{text}' is not a valid {what} for --regex: {exc.msg}{where}; put a backslash before the "
+            "characters meant literally, such as ( [ * \\, or drop --regex")
+
+
 def replace(caption: str, old: str, new: str, regex: bool = False, whole_token: bool = False) -> str:
     """Find/replace in one caption; `whole_token` matches complete comma-separated tokens only.
 

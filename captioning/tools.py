@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorasmith.captioning.cli import extension_arg
-from lorasmith.captioning.text import frequency, replace
+from lorasmith.captioning.cli import caption_words, extension_arg
+from lorasmith.captioning.text import check_pattern, frequency, replace
 from lorasmith.prep.cli import HelpFormatter, at_least
-from lorasmith.prep.sidecar import SidecarError, read_caption, write_caption
+from lorasmith.prep.sidecar import SidecarError, control_character, read_caption, write_caption
 
 
 def _captions(folder: Path, extension: str, problems: list[str]) -> dict[Path, str]:
@@ -46,6 +46,11 @@ def replace_all(folder: Path, extension: str, old: str, new: str, regex: bool, t
         after = replace(before, old, new, regex=regex, whole_token=token)
         if after == before:
             continue
+        found = control_character(after)
+        if found:  # from a regex replacement such as \n
+            problems.append(f"{path}: the replacement would put the control character {found} into it (Kohya "
+                            "reads only a caption's first line); left as it is")
+            continue
         try:
             if not dry_run:
                 write_caption(path, after)
@@ -66,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("replace", help="find/replace across captions", formatter_class=HelpFormatter)
     r.add_argument("dir", metavar="DIR", type=Path, help="repeat folder or training root")
     r.add_argument("old", help="text (or regular expression with --regex) to find")
-    r.add_argument("new", help="replacement; with --token and an empty NEW the token is removed")
+    r.add_argument("new", metavar="NEW", type=caption_words,
+                   help="replacement; with --token and an empty NEW the token is removed")
     r.add_argument("--regex", action="store_true", help="OLD is a Python regular expression")
     r.add_argument("--token", action="store_true", help="match whole comma-separated tokens only")
     r.add_argument("--dry-run", action="store_true", help="show the changes, write nothing")
     args = parser.parse_args(argv)
     problems: list[str] = []
     try:
+        if args.command == "replace" and args.regex:
+            check_pattern(args.old, args.new)
         if args.command == "stats":
             lines = stats(args.dir, args.caption_extension, args.top, problems)
         else:

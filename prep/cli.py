@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import ImageColor
 
 from lorasmith.prep.crop import CROP_HELP, CROP_MODES
-from lorasmith.prep.layout import validate_name
+from lorasmith.prep.layout import check_folder_name, validate_name
 from lorasmith.prep.loading import DEFAULT_MAX_PIXELS
 from lorasmith.prep.picture import PrepOptions
 
@@ -152,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     from lorasmith.prep.pipeline import UsageError, prepare_folder, validate_paths
 
     def work():
+        from lorasmith.prep.sizing import auto_repeats, candidate_sizes
+
         name = validate_name(args.name)
+        check_folder_name(name, args.repeats or auto_repeats(1))  # auto repeats are largest for one picture
         max_side = args.max_side or (2048 if args.area else 768)
         options = PrepOptions(args.min_side, max_side, args.crop, tuple(args.background), args.upscale,
                               args.max_pixels, args.area)
-        from lorasmith.prep.sizing import candidate_sizes
-
         candidate_sizes(options.min_side, options.max_side, area=options.area)
         validate_paths(args.src, args.dst)
         if args.dry_run:
@@ -188,10 +189,10 @@ def _summarise(result, strict: bool) -> int:
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
     counts = report.counts()
+    where = f"{result.folder} ({report.repeats} repeats)" if result.folder else "no repeat folder (no picture written)"
     print(
         f"prep-images: {counts['written']} written ({counts['written'] - result.reused} new, {result.reused} up to "
-        f"date), {counts['skipped']} skipped, "
-        f"{counts['failed']} failed → {result.folder} ({report.repeats} repeats); report: {result.report_path}"
+        f"date), {counts['skipped']} skipped, {counts['failed']} failed → {where}; report: {result.report_path}"
     )
     failed = counts["failed"] + (counts["skipped"] if strict else 0)
     return 1 if failed else 0

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from lorasmith.prep.layout import OUTPUT_MARKER
+
 PART = ".part"
 
 
@@ -131,6 +133,15 @@ def atomic_writer(path: Path, mode: str = "wb", fsync: bool = False) -> Iterator
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # a failed write or flush names no file by itself
         raise
+
+
+def make_output_folder(folder: Path) -> Path:
+    """`folder` made (with its parents) and marked as a folder of outputs, which no dataset reader enters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OUTPUT_MARKER
+    if not marker.is_file():
+        marker.write_text("lorasmith train-lora outputs: never read as training data\n", encoding="utf-8")
+    return folder
 
 
 def write_text_atomic(path: Path, text: str) -> None:

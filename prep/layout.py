@@ -29,6 +29,10 @@ IGNORED_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 
 REPORT_NAME = "prep_report.json"
 
+OUTPUT_MARKER = ".lorasmith-output"
+"""A file train-lora puts in every folder it makes for its own outputs (samples, states, logs): readers of a
+training root skip such folders by what they are, whatever their name, so `5_x.samples/` is never data."""
+
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\udc80-\udcff]')
 """Characters no portable file name holds, and the stand-ins Python uses for bytes that are not UTF-8."""
@@ -36,6 +40,9 @@ _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\udc80-\udcff]')
 STEM_BYTES = 200
 """Longest output stem in UTF-8 bytes: with `.png`, a `_2` for clashes and a temporary name's `.<pid>.<random>.part`
 it stays within the 255 bytes file systems allow."""
+
+NAME_BYTES = 255
+"""Longest file or folder name, in UTF-8 bytes, that common file systems (ext4, APFS, NTFS) allow."""
 
 _SPECIAL = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
             (stat.S_ISBLK, "device"))
@@ -81,7 +88,8 @@ def stray_pictures(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
     skip = {p.resolve() for p in exclude}
     lines = []
     for sub in sorted(root.iterdir()) if root.is_dir() else ():
-        if sub.name.startswith(".") or not sub.is_dir() or parse_repeat_folder(sub) or sub.resolve() in skip:
+        if (sub.name.startswith(".") or not sub.is_dir() or parse_repeat_folder(sub) or sub.resolve() in skip
+                or is_own_output(sub)):
             continue
         try:
             count = sum(1 for _ in iter_images(sub))
@@ -93,12 +101,21 @@ def stray_pictures(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
 
 
 def repeat_folders(root: Path) -> list[RepeatFolder]:
-    """The repeat folders directly inside a training root, or `root` itself when it is one."""
+    """The repeat folders directly inside a training root, or `root` itself when it is one; train-lora's own
+    output folders are never among them."""
     own = parse_repeat_folder(root)
     if own is not None:
         return [own]
-    found = (parse_repeat_folder(p) for p in sorted(root.iterdir()) if p.is_dir())
+    found = (parse_repeat_folder(p) for p in sorted(root.iterdir()) if p.is_dir() and not is_own_output(p))
     return [f for f in found if f is not None]
+
+
+def is_own_output(folder: Path) -> bool:
+    """Whether train-lora made `folder` for its own outputs (it holds OUTPUT_MARKER)."""
+    try:
+        return (folder / OUTPUT_MARKER).is_file()
+    except OSError:
+        return False
 
 
 def validate_name(name: str) -> str:
@@ -109,6 +126,17 @@ def validate_name(name: str) -> str:
     if _UNSAFE.search(cleaned) or cleaned in {".", ".."}:
         raise ValueError(f"NAME {name!r} holds characters that cannot appear in a folder name (<>:\"/\\|?*)")
     return cleaned
+
+
+def check_folder_name(name: str, repeats: int) -> None:
+    """ValueError naming --name when `<repeats>_<name>` would not fit in one file name. `repeats` is the
+    largest count the run may end with: the folder is renamed when the count changes."""
+    size = len(repeat_folder_name(repeats, name).encode("utf-8"))
+    if size > NAME_BYTES:
+        room = NAME_BYTES - len(f"{repeats}_")
+        raise ValueError(f"--name is too long: the folder {repeats}_<name> would be {size} bytes, over the "
+                         f"{NAME_BYTES}-byte limit file systems set on a name; shorten --name to at most {room} "
+                         "bytes of UTF-8")
 
 
 def safe_stem(stem: str) -> str:

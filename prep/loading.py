@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +72,10 @@ def open_picture(
         with open(path, "rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(handle)
-            return _decode(image, background, draft_for, max_pixels)
+            picture = _decode(image, background, draft_for, max_pixels)
+            if image.format == "PNG":
+                _check_whole_png(handle)
+            return picture
     except PictureError:
         raise
     except UnidentifiedImageError:
@@ -84,6 +88,18 @@ def open_picture(
         raise PictureError("cannot read the file: it does not exist (a broken link?)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise PictureError(f"truncated or corrupt image data ({exc})") from None
+
+
+def _check_whole_png(handle) -> None:
+    """OSError unless every chunk is there up to IEND with its checksum right: Pillow decodes a PNG cut
+    short after its last pixel rows without a word, but a file cut short is a damaged copy."""
+    handle.seek(0)
+    try:
+        Image.open(handle).verify()  # stops after the IEND chunk's header
+    except struct.error:  # a checksum cut off mid-way
+        raise OSError("truncated PNG file") from None
+    if len(handle.read(4)) < 4:
+        raise OSError("truncated PNG file (IEND chunk cut short)")
 
 
 def picture_size(path: Path) -> tuple[int, int]:

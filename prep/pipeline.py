@@ -142,6 +142,7 @@ def _prepare(src, dst, name, options, repeats, workers, progress, scan) -> Folde
     sources = scan.files
     existing = find_concept_folder(dst, name)
     folder = existing.path if existing else dst / repeat_folder_name(repeats or auto_repeats(len(sources)), name)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     for place in (dst, folder):
         clear_stale_parts(place)
@@ -166,9 +167,12 @@ def _prepare(src, dst, name, options, repeats, workers, progress, scan) -> Folde
                 report.entries.append(outcome)
                 journal.add(outcome)
         _retire_old_outputs(previous, report, folder, src, result)
-        folder = _rename_for_repeats(dst, folder, name, repeats, report)
-        result.folder = folder
-        result.warnings += [f"{display(folder / c)}: {why}" for c, why in orphan_captions(folder)]
+        if made and _drop_if_empty(folder):
+            result.folder = None
+        else:
+            folder = _rename_for_repeats(dst, folder, name, repeats, report)
+            result.folder = folder
+            result.warnings += [f"{display(folder / c)}: {why}" for c, why in orphan_captions(folder)]
         result.report_path = save_report(dst, report)
         journal.close(delete=True)
     except OSError as exc:  # reading is per picture in the workers: what fails here is a write to DST
@@ -178,7 +182,19 @@ def _prepare(src, dst, name, options, repeats, workers, progress, scan) -> Folde
             job[1].unlink(missing_ok=True)
         if journal is not None:
             journal.close(delete=False)
+        if made:
+            _drop_if_empty(folder)
     return result
+
+
+def _drop_if_empty(folder: Path) -> bool:
+    """Remove a repeat folder this run made once nothing ended up in it, so a failed run leaves no empty
+    `<repeats>_<name>/` that looks like a dataset; whether it was removed."""
+    try:
+        folder.rmdir()  # refused for a folder that holds anything
+    except OSError:
+        return False
+    return True
 
 
 def _run_jobs(sources, src, plan, jobs, workers, progress, folder, stems, journal, result) -> None:

@@ -3,8 +3,9 @@
 - A sidecar is `<picture stem><extension>` beside the picture; the extension can never be a picture's, so
   no caption write can land on a picture.
 - Text is read as UTF-8 with a byte-order mark stripped; UTF-16 and UTF-32 (Windows Notepad's "Unicode")
-  are recognised. Anything else is refused by name rather than guessed at: a wrong guess would train on,
-  or write back, garbage.
+  are recognised, and UTF-16 without a mark by the pattern of its high bytes. Anything else is refused by
+  name rather than guessed at: a wrong guess would train on, or write back, garbage. So is text holding
+  control characters other than tabs and line breaks, which is what a wrong encoding leaves behind.
 - Written captions are UTF-8 without a mark, which Kohya and every trainer read. A caption keeps its
   permission bits, and one the user made read-only is never rewritten.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import codecs
 import os
 import stat
+import unicodedata
+from collections import Counter
 from pathlib import Path
 
 from lorasmith.prep.files import write_text_atomic
@@ -23,6 +26,10 @@ _BOMS = (  # longest first: the UTF-32 LE mark begins with the UTF-16 LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
     (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
+
+
+_TEXT_CONTROLS = "\t\n\r"
+"""The only control characters clean text holds."""
 
 
 class SidecarError(ValueError):
@@ -47,37 +54,73 @@ def caption_extension(text: str, option: str = "--caption-extension") -> str:
     return ext
 
 
+def control_character(text: str, allowed: str = "") -> str | None:
+    """The first control character of `text` outside `allowed`, as `U+000A`; None when there is none. Kohya
+    reads only a caption's first line, and other control characters are debris of a wrong encoding."""
+    found = next((c for c in text if c not in allowed and unicodedata.category(c) == "Cc"), None)
+    return None if found is None else f"U+{ord(found):04X}"
+
+
 def decode_text(data: bytes) -> str:
-    """Caption bytes as text: UTF-8 (mark stripped), or UTF-16/32 with a mark or recognisable without."""
+    """Caption bytes as clean text: UTF-8 (mark stripped), or UTF-16/32 with a mark or recognisable without.
+    SidecarError for any other encoding, and for text holding control characters other than tabs and line
+    breaks (UTF-16 read as UTF-8 looks like that: `c\\x00l\\x00a\\x00y`)."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
-                return data[len(bom):].decode(encoding)
+                text = data[len(bom):].decode(encoding)
             except UnicodeDecodeError:
                 raise SidecarError(f"is marked as {encoding.upper()} but is not valid {encoding.upper()}; "
                                    "re-save it as UTF-8") from None
-    if b"\0" in data:  # no caption holds a NUL; UTF-16 of Latin text is full of them (and valid UTF-8)
-        guess = _unmarked_utf16(data)
-        if guess is None:
-            raise SidecarError("holds NUL bytes: it is not a text file; re-save it as UTF-8 text")
-        return guess
+            problem = _unclean(text)
+            if problem:
+                raise SidecarError(problem)
+            return text
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SidecarError(f"is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); re-save it as "
-                           "UTF-8") from None
+        problem = f"is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); re-save it as UTF-8"
+    else:
+        problem = _unclean(text)
+        if problem is None:
+            return text
+    guess = _unmarked_utf16(data)
+    if guess is None:
+        raise SidecarError(problem)
+    return guess
+
+
+def _unclean(text: str) -> str | None:
+    """Why `text` is not clean text, or None."""
+    if "\0" in text:
+        return "holds NUL bytes: it is not a text file; re-save it as UTF-8 text"
+    found = control_character(text, _TEXT_CONTROLS)
+    if found:
+        return (f"holds the control character {found}, so it is not clean text (a file in another encoding?); "
+                "re-save it as UTF-8 text")
+    return None
 
 
 def _unmarked_utf16(data: bytes) -> str | None:
-    """UTF-16 without a mark shows itself by zero bytes in every other position (for Latin text)."""
+    """UTF-16 without a mark, recognised by its high bytes: text in one or two alphabets repeats one or two
+    of them (0x00 for Latin, 0x04 for Cyrillic) in every other position, while the low bytes vary more.
+    None when neither byte order shows that (too short to tell is the same), or the text it gives is not
+    printable."""
     if len(data) < 2 or len(data) % 2:
         return None
-    odd, even = data[1::2].count(0), data[0::2].count(0)
-    encoding = "utf-16-le" if odd > len(data) // 4 and even == 0 else "utf-16-be" if even > len(data) // 4 and odd == 0 else None
-    try:
-        return data.decode(encoding) if encoding else None
-    except UnicodeDecodeError:
-        return None
+    found = []
+    for encoding, high, low in (("utf-16-le", data[1::2], data[0::2]), ("utf-16-be", data[0::2], data[1::2])):
+        common = sum(n for _, n in Counter(high).most_common(2))
+        latin = high.count(0) * 2 > len(high) and 0 not in low
+        if not latin and (len(high) < 4 or common * 10 < len(high) * 9 or len(set(low)) <= len(set(high))):
+            continue
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in _TEXT_CONTROLS or unicodedata.category(c) == "Zs" for c in text):
+            found.append((high.count(0), encoding == "utf-16-le", text))
+    return max(found)[2] if found else None
 
 
 def _read_bytes(path: Path) -> bytes | None:

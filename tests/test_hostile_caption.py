@@ -177,3 +177,39 @@ def test_disk_full_is_one_message_and_every_caption_is_whole(tmp_path):
 
 def pictures_of(snap):
     return {k: v for k, v in snap.items() if not k.endswith(".txt")}
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--prefix", "clay\nstyle"), ("--prefix", "clay style\r"), ("--postfix", "high\tquality"),
+    ("--separator", ",\n"), ("--prefix", "clay\x1b[0m"),
+])
+def test_a_line_break_or_control_character_in_the_caption_words_is_refused(tmp_path, option, value):
+    root = training_root(tmp_path / "data", {"10_clay": 2})
+    (root / "10_clay" / "img0.txt").write_text("a ball", encoding="utf-8")
+    before = snapshot(root)
+    done = caption(root, "--prefix-only", option, value)
+    check(done, 2, option, "U+00")
+    assert done.stderr.strip().splitlines()[-1].startswith(f"caption-folder: error: argument {option}: holds ")
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("old, new, position", [("(", "x", "position 0"), ("ball[", "x", "position 4"),
+                                                ("(ball)", r"\2", "position 1")])
+def test_a_regular_expression_that_does_not_compile_is_one_message(tmp_path, old, new, position):
+    root = training_root(tmp_path / "data", {"10_clay": 2})
+    for i in range(2):
+        (root / "10_clay" / f"img{i}.txt").write_text("clay, a ball", encoding="utf-8")
+    before = snapshot(root)
+    done = run("captions", "replace", root, old, new, "--regex")
+    check(done, 2, f"'{old if new == 'x' else new}'", position)
+    assert len((done.stderr + done.stdout).strip().splitlines()) == 1, done.stderr
+    assert snapshot(root) == before
+
+
+def test_a_replacement_that_would_break_a_caption_into_lines_is_refused(tmp_path):
+    root = training_root(tmp_path / "data", {"10_clay": 1})
+    (root / "10_clay" / "img0.txt").write_text("clay, a ball", encoding="utf-8")
+    before = snapshot(root)
+    check(run("captions", "replace", root, "ball", "a\nball"), 2, "NEW", "U+000A")
+    check(run("captions", "replace", root, "ball", r"a\nball", "--regex"), 1, "img0.txt", "U+000A")
+    assert snapshot(root) == before

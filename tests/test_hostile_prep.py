@@ -198,3 +198,32 @@ def test_out_of_range_options_are_refused_naming_the_option(tmp_path, option, va
     done = prep(tmp_path / "src", tmp_path / "out", option, value)
     check(done, 2, option)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, extra", [("x" * 300, []), ("é" * 126, []), ("é" * 127, ["--repeats", "99"])])
+def test_a_name_too_long_for_the_repeat_folder_is_refused_naming_the_limit(tmp_path, name, extra):
+    make_image(tmp_path / "src" / "a.png", size=(600, 600))
+    done = run("prep-images", tmp_path / "src", "--out", tmp_path / "out", "--name", name, "--quiet", *extra)
+    check(done, 2, "--name", "255-byte limit")  # auto repeats reach 1500: 1500_ + 252 bytes of é is 257
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_repeat_count_decides_whether_a_long_name_fits(tmp_path):
+    make_image(tmp_path / "src" / "a.png", size=(600, 600))
+    done = run("prep-images", tmp_path / "src", "--out", tmp_path / "out", "--name", "é" * 126, "--repeats", "9",
+               "--quiet")
+    check(done, 0)
+    assert (tmp_path / "out" / f"9_{'é' * 126}" / "a.png").is_file()
+
+
+def test_a_run_that_writes_no_picture_leaves_no_empty_repeat_folder(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "notes.png").write_text("not a picture", encoding="utf-8")
+    done = prep(src, out)
+    check(done, 1, "notes.png")
+    assert not [p.name for p in out.iterdir() if p.is_dir()]
+    assert report(out)["notes.png"]["status"] == "failed"
+    (out / "100_x").mkdir()  # a folder this run did not make stays, empty or not
+    check(prep(src, out), 1, "notes.png")
+    assert (out / "100_x").is_dir()

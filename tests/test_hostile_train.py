@@ -137,6 +137,52 @@ def test_captions_that_cannot_be_read_are_named_and_their_pictures_left_out(data
     assert plan_images(err) == 1
 
 
+@pytest.mark.parametrize("text", ["глиняный стиль, шар", "claymation style, 一 blob"])
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_captions_in_utf16_without_a_mark_are_read_as_text(dataset, preset, text, encoding):
+    from lorasmith.train.config import load_config
+    from lorasmith.train.trainer import plan_run
+
+    (dataset / "2_clay" / "img0.txt").write_bytes(text.encode(encoding))  # Cyrillic: no NUL byte at all
+    dataset_, _ = plan_run(load_config(preset))
+    assert {item.image.name: item.caption for item in dataset_.items}["img0.png"] == text
+
+
+@pytest.mark.parametrize("data, named", [(b"claymation style\x1b[31m, blob", "U+001B"),
+                                         (b"clay\x07, blob", "U+0007")])
+def test_a_caption_that_is_not_clean_text_is_named_and_its_picture_left_out(dataset, preset, capsys, data, named):
+    (dataset / "2_clay" / "img0.txt").write_bytes(data)
+    code, err = main(capsys, preset, "--dry-run")
+    check_result(code, 0, err, "img0.txt", named)
+    assert plan_images(err) == 2
+
+
+@pytest.mark.parametrize("cut", [12, 20])
+def test_a_png_cut_short_at_its_end_is_named_and_left_out(dataset, preset, capsys, cut):
+    good = make_image(dataset.parent / "whole.png", size=(128, 128), seed=9)
+    (dataset / "2_clay" / "cut.png").write_bytes(good.read_bytes()[:-cut])  # the IEND chunk (and checksums) gone
+    code, err = main(capsys, preset, "--dry-run")
+    check_result(code, 0, err, "cut.png", "truncated")
+    assert plan_images(err) == 3
+
+
+def test_own_outputs_are_known_by_their_marker_whatever_their_name(tmp_path, tiny_sd, dataset, capsys):
+    (tmp_path / "prompts.txt").write_text("a blob --w 64 --h 64 --s 1\n", encoding="utf-8")
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, dataset, dataset, training={"max_train_steps": 1},
+                          output={"output_name": "5_x", "save_state_every_n_steps": 1},
+                          sample={"sample_prompts": str(tmp_path / "prompts.txt"), "sample_every_n_steps": 1})
+    code, err = main(capsys, preset)
+    check_result(code, 0, err)
+    assert list((dataset / "5_x.samples").glob("*.png"))
+    code, err = main(capsys, preset, "--dry-run", *sets("output.output_name=6_y"))
+    check_result(code, 0, err)
+    assert plan_images(err) == 3 and "5_x" not in err
+    from lorasmith.prep.layout import OUTPUT_MARKER
+
+    for kind in ("samples", "state", "logs"):
+        assert (dataset / f"5_x.{kind}" / OUTPUT_MARKER).is_file(), kind
+
+
 def test_metadata_jsonl_problems(tmp_path, capsys):
     data = tmp_path / "meta"
     make_image(data / "a.png", size=(128, 128))
@@ -235,6 +281,15 @@ def test_a_state_file_replaced_by_hand_is_refused(two_runs, tmp_path, capsys):
     preset, out, folder = edited_state(two_runs, tmp_path, damage)
     code, err = main(capsys, preset, "--resume", folder, "--set", f"output.output_dir={out}")
     check_result(code, 2, err, "training.pt")
+
+
+def test_a_state_whose_tensors_do_not_fit_the_network_is_refused_even_with_force(two_runs, tmp_path, capsys):
+    preset, out = two_runs
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    code, err = main(capsys, preset, "--resume", "auto", "--force", *sets(f"output.output_dir={copy}",
+                                                                          "network.network_dim=8"))
+    check_result(code, 2, err, "adapters.safetensors", "lora_", "[4, ", "[8, ")
 
 
 def test_an_impossible_clip_skip_names_the_key(tmp_path, tiny_sd, dataset, capsys):

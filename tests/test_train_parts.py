@@ -76,7 +76,7 @@ def test_states_are_complete_newest_first_and_pruned(tmp_path):
     assert latest(root).name == "step-00000006-aaaa"
     loaded = read_state(latest(root))
     assert loaded.manifest["position"] == [1, 6] and loaded.history["tag"] == "6"
-    assert not list(root.glob(".*"))  # no temporary folder left
+    assert not list(root.glob(".step-*"))  # no temporary folder left
 
 
 def test_pruning_never_touches_another_run_and_the_newest_written_wins(tmp_path):
@@ -133,7 +133,7 @@ def test_disk_full_keeps_the_previous_state_and_names_the_path(tmp_path, monkeyp
     assert f"the disk holding {root}" in message and "is full" in message and "adapters.safetensors" in message
     assert f"the previous state {root / 'step-00000001-ab'} is intact" in message
     monkeypatch.undo()
-    assert [f.step for f in states(root)] == [1] and not list(root.glob(".*"))
+    assert [f.step for f in states(root)] == [1] and not list(root.glob(".step-*"))
     assert read_state(root / "step-00000001-ab").history["tag"] == "1"
 
 
@@ -189,24 +189,56 @@ def test_moving_average_matches_a_direct_computation():
 
 def test_curve_places_the_band_and_the_points():
     loss = [[s, 1 + (s > 2), 0.2 - 0.01 * s, 1e-4] for s in range(1, 5)]
-    svg = curve_svg(loss, [[2, 1, 0.15]], total_steps=4, width=456, height=256)
+    svg = curve_svg(loss, [[2, 1, 0.15]], total_steps=4, band=(0.08, 0.10), band_family="SD1.x", width=456, height=256)
     # plot area: x from 56 to 440 for steps 0..4; y from 16 to 216 for high..0, where high is 1.1 × the
     # 98th percentile of the five values (0.15 … 0.19, index int(0.98 × 4) = 3: 0.18), so one spike cannot flatten the rest
     high = 0.18 * 1.1
     assert f'y="{16 + 200 * (1 - 0.10 / high):.1f}"' in svg  # the band's top edge at 0.10
     assert f'<circle cx="{56 + 384 * 2 / 4:.1f}" cy="{16 + 200 * (1 - 0.15 / high):.1f}"' in svg
     assert svg.count("<polyline") == 3 and ">e1</text>" in svg and ">e2</text>" in svg
+    assert "healthy for SD1.x: 0.08–0.10" in svg
+    bare = curve_svg(loss, [[2, 1, 0.15]], total_steps=4, width=456, height=256)
+    assert 'class="band"' not in bare and "healthy" not in bare
+    assert f'<circle cx="{56 + 384 * 2 / 4:.1f}" cy="{16 + 200 * (1 - 0.15 / high):.1f}"' in bare  # same scale
+
+
+def _page(band):
+    loss = [[1, 1, 0.2, 1e-4], [2, 1, 0.2, 1e-4], [3, 2, 0.09, 1e-4], [4, 2, 0.09, 1e-4]]
+    return render(ReportData("<x>", "finished", "a = '<b>'", ["plan"], ["data"], loss, [[2, 1, 0.3]], 4,
+                             {"load": 1.0}, [("x.safetensors", 2**20)], [("epoch 1", 1, "data:image/jpeg;base64,AA==")],
+                             {2: "x.safetensors"}, band, "SD1.x" if band else ""))
 
 
 def test_report_marks_in_band_epochs_and_escapes_text():
-    loss = [[1, 1, 0.2, 1e-4], [2, 1, 0.2, 1e-4], [3, 2, 0.09, 1e-4], [4, 2, 0.09, 1e-4]]
-    page = render(ReportData("<x>", "finished", "a = '<b>'", ["plan"], ["data"], loss, [[2, 1, 0.3]], 4,
-                             {"load": 1.0}, [("x.safetensors", 2**20)], [("epoch 1", 1, "data:image/jpeg;base64,AA==")],
-                             {2: "x.safetensors"}))
+    page = _page((0.08, 0.10))
     assert "<title>&lt;x&gt;</title>" in page and "a = &#x27;&lt;b&gt;&#x27;" in page
     assert '<tr class="in-band"><td>2</td><td>0.0900</td><td></td><td>x.safetensors</td>' in page
     assert '<tr class=""><td>1</td><td>0.2000</td><td>0.3000</td>' in page
     assert 'src="data:image/jpeg;base64,AA=="' in page and "1.00 MiB" in page
+    assert '<rect class="band"' in page and "0.08–0.10: the band SD1.x LoRA guides call healthy" in page
+
+
+def test_report_without_a_band_draws_and_marks_none():
+    page = _page(None)
+    assert '<tr class=""><td>2</td><td>0.0900</td><td></td><td>x.safetensors</td>' in page  # 0.09, yet unmarked
+    assert 'class="in-band"' not in page and 'class="band"' not in page and "guides call healthy" not in page
+    assert "No healthy loss band is published for this base, so no epoch is marked." in page
+
+
+@pytest.mark.parametrize("family, width, layers, band", [
+    ("sd1", 768, 12, (0.08, 0.10)),  # CLIP-L: SD1.x as published
+    ("sd1", 32, 3, None),  # the tiny test model
+    ("sd1", 64, 2, None),  # the toy base
+    ("sd2", 1024, 23, None),  # OpenCLIP-H: no published band (epsilon or v-prediction)
+    ("sdxl", 768, 12, None),
+])
+def test_the_healthy_band_comes_from_the_family_of_a_public_base(family, width, layers, band):
+    from transformers import CLIPTextConfig
+
+    from lorasmith.train.family import family_named
+
+    config = CLIPTextConfig(hidden_size=width, num_hidden_layers=layers)
+    assert family_named(family).healthy_band(config) == band
 
 
 @pytest.mark.parametrize("precision, first", [("fp16", 'fp16 overflow: set training.mixed_precision = "bf16"'),

@@ -14,7 +14,8 @@ from lorasmith.prep.cli import HelpFormatter
 EPILOG = """\
 The plan (images, repeats, buckets, batches, steps, warmup, saves) is printed before any model loads;
 --dry-run prints it and stops. Steps follow Kohya: images × repeats × epochs / batch size, each bucket
-rounded up, doubled with regularisation images, divided by gradient accumulation and processes.
+rounded up, doubled with regularisation images, split over processes, then divided by gradient accumulation
+and rounded up per epoch (the last, partial window still makes a step at the epoch's end).
 
 Base models: model.pretrained_model takes a hub id, a diffusers folder or one checkpoint file (.safetensors,
 or .ckpt read without unpickling code) of SD1.x, SD2.x (epsilon or v-prediction, read from the file) or
@@ -32,7 +33,8 @@ finishes first; a second signal exits at once). States are named by step and run
 (<name>.state/step-00000200-<run>/): a fresh run never prunes or resumes an earlier run's states.
 `--resume auto` continues from the newest complete state written and ends with the same LoRA an
 uninterrupted run would have written. A state written by another preset or dataset is refused with the
-list of differences unless --force; one whose manifest was edited by hand is refused always.
+list of differences unless --force; one whose manifest was edited by hand, or whose tensors do not fit
+the network (network_dim changed, say), is refused always.
 
 Signals before training (loading, caching latents) stop at once with 75 and nothing to resume; during the
 final save the save finishes first. One run at a time per output name: a second one is refused (exit 2).
@@ -77,13 +79,16 @@ def newest_state(config):
 
 def take_lock(config):
     """One run per output name: a second train-lora into the same files is refused, naming the first."""
-    from lorasmith.prep.files import is_disk_full
+    from lorasmith.prep.files import is_disk_full, make_output_folder
     from lorasmith.prep.lock import RunLock
     from lorasmith.train.config import ConfigError
     from lorasmith.train.state import storage_error
 
-    lock = RunLock(Path(config.output.output_dir), "train-lora", f".{config.output.output_name}.lock")
+    out = Path(config.output.output_dir)
+    lock = RunLock(out, "train-lora", f".{config.output.output_name}.lock")
     try:
+        if not out.exists():  # made for outputs only: marked so that no dataset reader enters it
+            make_output_folder(out)
         lock.acquire()
     except OSError as exc:
         if is_disk_full(exc):

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorasmith.train.state import (SaveError, StateError, clear_temps, latest, new_run_id, state_root, storage_error,
-                                   write_state)
+from lorasmith.train.state import (SaveError, StateError, check_adapters, clear_temps, latest, new_run_id, state_root,
+                                   storage_error, write_state)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,7 +61,7 @@ class RunPaths:
 
 class RunEvents:
     """Needs from Trainer: config, plan, dataset, accelerator, device, adapted (the models with adapters, by name,
-    the UNet first), previews, optimizer, lr_scheduler, generator, rng, result, log, save()."""
+    the UNet first), family, previews, optimizer, lr_scheduler, generator, rng, result, log, save()."""
 
     def setup_events(self) -> None:
         from lorasmith.train.prompts import read_prompts
@@ -78,6 +78,8 @@ class RunEvents:
         self.last_sampled = self.last_validated = None
         self.signals = None
         self.grid_uris: dict[Path, str] = {}
+        self.loss_band = None
+        """The base's healthy loss band for the report (set by `load`; None when none applies)."""
         self.prompts = []
         if self.config.sample.sample_prompts:
             self.prompts, warnings = read_prompts(Path(self.config.sample.sample_prompts))
@@ -226,7 +228,7 @@ class RunEvents:
         adapters = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self._adapters().items()}
         buffer = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                    "rng": rngs, "accelerator_step": self.accelerator.step}, buffer)
+                    "rng": rngs}, buffer)
         info = {"epoch": self.position[0], "position": list(self.position), "processes": self.plan.processes,
                 "per_process": -(-self.plan.batches_per_epoch // self.plan.processes),
                 "accumulation": self.plan.accumulation, "forced": self.forced,
@@ -249,9 +251,7 @@ class RunEvents:
         self.run_id = loaded.manifest.get("run") or self.run_id  # a resumed run goes on as the same run
         self.forced = loaded.forced or bool(loaded.manifest.get("forced"))
         params = self._adapters()
-        if set(params) != set(loaded.adapters):
-            raise StateError(f"{loaded.folder} holds adapters for another network (rank, targets or text "
-                             "encoder training differ); it cannot be resumed with this preset")
+        check_adapters(loaded, params)
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(loaded.adapters[name].to(param.device, param.dtype))
@@ -267,7 +267,6 @@ class RunEvents:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            self.accelerator.step = t["accelerator_step"]
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise StateError(f"{loaded.folder / 'training.pt'} does not fit this run ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from another state or start "
@@ -310,7 +309,7 @@ class RunEvents:
 
     def sample(self, epoch: int) -> list[Path]:
         """One picture per prompt with the LoRA as it is now, and their grid."""
-        from lorasmith.prep.files import atomic_writer
+        from lorasmith.prep.files import atomic_writer, make_output_folder
         from lorasmith.train.previews import evaluating
         from lorasmith.train.sampling import make_grid
 
@@ -323,6 +322,8 @@ class RunEvents:
             images = self.previews.pictures(models[0], self.prompts)
         tag = f"e{epoch:06d}-s{self.step:08d}"
         paths = [self.paths.samples / f"{tag}-{i:02d}.png" for i in range(len(images))]
+        with self.writing(self.paths.samples):
+            make_output_folder(self.paths.samples)
         for image, path in zip(images, paths):
             with self.writing(path), atomic_writer(path) as handle:
                 image.save(handle, "PNG")
@@ -381,7 +382,8 @@ class RunEvents:
                   f"{len(d.reg_items)} regularisation pictures"]
         data = ReportData(f"{name}: train-lora report", status, to_toml(self.config), self.plan.lines(), lines,
                           self.history["loss"], self.history["validation"], self.plan.total_steps, timings, outputs,
-                          grids, {epoch: file for epoch, _, file in self.history["saves"]})
+                          grids, {epoch: file for epoch, _, file in self.history["saves"]}, self.loss_band,
+                          self.family.label if self.loss_band else "")
         with self.writing(self.paths.report):
             write_text_atomic(self.paths.report, render(data))
         self.result.report = self.paths.report

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer
+from lorasmith.prep.files import atomic_writer, make_output_folder
 
 
 def vae_identity(vae) -> str:
@@ -51,6 +51,7 @@ class LatentCache:
         if self.folder is not None:
             from safetensors.torch import save
 
+            make_output_folder(self.folder)
             with atomic_writer(self.folder / f"{key}.safetensors") as handle:
                 handle.write(save({"latent": latent.contiguous()}))
 

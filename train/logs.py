@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer
+from lorasmith.prep.files import atomic_writer, make_output_folder
 
 LOSS_HEADER = ["step", "epoch", "loss", "lr"]
 VALIDATION_HEADER = ["step", "epoch", "validation_loss"]
@@ -38,7 +38,7 @@ class RunLog:
 
     def open(self, history: dict, project: str) -> None:
         """Rewrite both CSV files from `history`, then keep them open for appending."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_output_folder(self.folder)
         for name, header, rows in (("loss.csv", LOSS_HEADER, [loss_row(*r) for r in history["loss"]]),
                                    ("validation.csv", VALIDATION_HEADER,
                                     [validation_row(*r) for r in history["validation"]])):

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lorasmith.prep.files import alive, storage_message
+from lorasmith.prep.files import alive, make_output_folder, storage_message
+from lorasmith.train.plan import steps_done
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -148,7 +149,7 @@ def write_state(root: Path, step: int, files: dict[str, bytes], info: dict, keep
     aside = root / f".{final.name}.old.{os.getpid()}.tmp"
     current = tmp
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_output_folder(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         entries = {}
@@ -219,7 +220,7 @@ def _check_manifest(folder: Path, manifest: dict) -> None:
     named = int(match.group(1)) if match else step
     per_process, accumulation = manifest.get("per_process"), manifest.get("accumulation", 1)
     counted = whole(per_process, 1) and whole(accumulation, 1) and not manifest.get("forced")
-    expected = ((position[0] - 1) * per_process + position[1]) // accumulation if counted else step
+    expected = steps_done(position[0], position[1], per_process, accumulation) if counted else step
     if step != named or step != expected:
         raise StateError(f"{folder / MANIFEST} says step {step}, but its folder name says {named} and its data "
                          f"position (epoch {position[0]}, batch {position[1]}) means step {expected}: it was "
@@ -318,6 +319,20 @@ def check_resume(config, dataset, plan, loaded: Loaded, force: bool, log=print) 
                          "afresh without --resume, or add --force to continue with the new settings")
     log(f"warning: resuming with --force despite: {listing}")
     loaded.forced = True
+
+
+def check_adapters(loaded: Loaded, params: dict) -> None:
+    """StateError unless the state holds exactly the network's adapter tensors, each in the network's shape:
+    --force may accept a changed preset, never weights that cannot be copied in."""
+    if set(params) != set(loaded.adapters):
+        raise StateError(f"{loaded.folder} holds adapters for another network (rank, targets or text "
+                         "encoder training differ); it cannot be resumed with this preset")
+    for name, param in params.items():
+        saved, wanted = list(loaded.adapters[name].shape), list(param.shape)
+        if saved != wanted:
+            raise StateError(f"{loaded.folder / 'adapters.safetensors'} does not fit this network: {name} is "
+                             f"{saved} in the state but {wanted} in the network (network_dim or conv_dim "
+                             "changed?); resume from a state of this network, or start afresh without --resume")
 
 
 def load_resume(config, value: str | None, log=print) -> Loaded | None:
