@@ -2,7 +2,8 @@
 
 import pytest
 
-from lorasmith.train.plan import assign_bucket, batches_per_epoch, bucket_resolutions, make_plan, warmup_steps
+from lorasmith.train.plan import (assign_bucket, batches_per_epoch, bucket_resolutions, closes_window, make_plan,
+                                  steps_done, warmup_steps)
 
 
 def test_bucket_resolutions_are_area_limited_multiples_of_64():
@@ -45,6 +46,11 @@ PLANS = [
     ({(512, 512): 200}, {}, 2, 1, 2, 10, 0, 50, 500),  # two processes split the batches
     ({(512, 512): 201}, {}, 2, 1, 2, 1, 0, 51, 51),  # 101 batches over 2 processes: 51 each
     ({(512, 512): 200}, {}, 2, 1, 1, 10, 250, 100, 250),  # max_train_steps wins
+    ({(512, 512): 3}, {}, 1, 2, 1, 2, 0, 2, 4),  # 3 batches, accumulation 2: the last, partial window steps too
+    ({(512, 512): 201}, {}, 2, 4, 1, 3, 0, 26, 78),  # 101 batches: 25 whole windows and one of 1
+    ({(512, 512): 201}, {}, 2, 4, 2, 1, 0, 13, 13),  # 51 batches per process: 12 whole windows and one of 3
+    ({(512, 512): 5}, {}, 1, 8, 1, 3, 0, 1, 3),  # accumulation beyond the epoch: one step per epoch
+    ({(512, 512): 5}, {}, 1, 2, 1, 10, 7, 3, 7),  # max_train_steps with partial windows: 3 epochs begun
 ]
 
 
@@ -53,6 +59,32 @@ def test_make_plan(train, reg, batch, accum, procs, epochs, max_steps, per_epoch
     plan = make_plan(train, reg, 10, 10 if reg else 0, batch, accum, procs, epochs, max_steps, 0.1, 0)
     assert (plan.steps_per_epoch, plan.total_steps) == (per_epoch, total)
     assert plan.warmup == round(0.1 * total)
+
+
+WINDOWS = [
+    # (batches per process, accumulation, micro-batches that end a window, from 0)
+    (6, 1, [0, 1, 2, 3, 4, 5]),
+    (6, 2, [1, 3, 5]),
+    (3, 2, [1, 2]),
+    (7, 3, [2, 5, 6]),
+    (2, 5, [1]),
+]
+
+
+@pytest.mark.parametrize("per_process, accum, ends", WINDOWS)
+def test_windows_end_at_each_epoch_end_and_agree_with_the_plan(per_process, accum, ends):
+    """The loop steps where `closes_window` says; the plan counts as many steps, and a state's data position
+    (epoch, micro-batches done) maps back to the step it was written at."""
+    assert [i for i in range(per_process) if closes_window(i, per_process, accum)] == ends
+    plan = make_plan({(512, 512): per_process}, {}, per_process, 0, 1, accum, 1, epochs=3)
+    assert plan.steps_per_epoch == len(ends) and plan.total_steps == 3 * len(ends)
+    step = 0
+    for epoch in (1, 2, 3):
+        for index in ends:
+            step += 1
+            assert steps_done(epoch, index + 1, per_process, accum) == step
+        assert steps_done(epoch + 1, 0, per_process, accum) == step  # a state written at the epoch's end
+    assert step == plan.total_steps
 
 
 def test_plan_saves_and_lines():

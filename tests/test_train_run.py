@@ -250,6 +250,59 @@ def test_epoch_saves_and_the_final_file(tmp_path, tiny_sd):
     assert not list((tmp_path / "out").glob(".*.part"))
 
 
+def test_accumulation_steps_at_each_epoch_end_as_planned_and_resumes_exactly(tmp_path, tiny_sd):
+    """3 batches per epoch at accumulation 2 (Kohya's count: ceil(3 / 2) = 2 steps per epoch): the epoch's last,
+    lone batch still makes a step, the linear schedule reaches 0, and a state written at the epoch's end holds
+    no pending gradient, so resuming from it (or from mid-epoch) ends with the same LoRA."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from lorasmith.train.state import check_resume, load_resume
+
+    data = small_dataset(tmp_path / "data", images=3, repeats=1)
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, data, tmp_path / "out",
+                          training={"max_train_steps": 0, "max_train_epochs": 2, "train_batch_size": 1,
+                                    "gradient_accumulation_steps": 2},
+                          schedule={"lr_scheduler": "linear", "lr_warmup_steps": 0},
+                          output={"save_every_n_epochs": 1, "save_state_every_n_steps": 1, "save_last_n_states": 9})
+    config = load_config(preset)
+    result, plan = run(config, progress=False)
+    assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == (3, 2, 4)
+    with open(tmp_path / "out" / "test.logs" / "loss.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["step"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("3", "2"), ("4", "2")]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert len(result.losses) == 4
+    with safe_open(str(result.outputs[-1]), "pt") as f:
+        assert (f.metadata()["ss_epoch"], f.metadata()["ss_steps"]) == ("2", "4")
+    assert all(p.grad is None for p in result.unet.parameters())  # nothing left pending after the last step
+    whole = load_file(str(result.outputs[-1]))
+    for step in (2, 3):  # at the end of epoch 1 (after its lone batch), and one step into epoch 2
+        config.output.output_dir = str(tmp_path / f"resumed-{step}")
+        state = next((tmp_path / "out" / "test.state").glob(f"step-{step:08d}-*"))
+        loaded = load_resume(config, str(state))
+        check_resume(config, *plan_run(config), loaded, force=False)
+        resumed, _ = run(config, progress=False, resume=loaded)
+        again = load_file(str(resumed.outputs[-1]))
+        assert sorted(again) == sorted(whole) and all(torch.equal(again[k], whole[k]) for k in whole), step
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_report_draws_the_sd1_band_only_for_a_public_sd1_base(tmp_path, tiny_sd, monkeypatch, public):
+    from lorasmith.train.family_sd import SD1
+
+    if public:  # the tiny model's text encoder shape taken for SD1.x's published one
+        monkeypatch.setattr(SD1, "public_text", (32, 3))
+    preset = write_preset(tmp_path / "p.toml", tiny_sd, small_dataset(tmp_path / "data", images=2, repeats=1),
+                          tmp_path / "out", training={"max_train_steps": 1})
+    result, _ = run(load_config(preset), progress=False)
+    page = result.report.read_text(encoding="utf-8")
+    assert ('<rect class="band"' in page) == public
+    assert ("0.08–0.10: the band SD1.x LoRA guides call healthy" in page) == public
+    assert ("No healthy loss band is published for this base" in page) != public
+
+
 def test_adamw8bit_keeps_8bit_state_on_cpu():
     """bitsandbytes ≥ 0.50 runs its 8-bit optimizers on CPU; tensors of 4,096+ elements get uint8 state."""
     from lorasmith.train.optim import build_optimizer

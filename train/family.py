@@ -20,6 +20,17 @@ class ModelFamily:
     """Kohya's key prefix per text encoder."""
     vae_fp32 = False
     """Run the VAE in fp32 whatever the training precision."""
+    loss_band: tuple[float, float] | None = None
+    """The mean loss per epoch that the family's LoRA guides call healthy; None where none is published, since
+    another family's band would mark good epochs bad."""
+    public_text: tuple[int, int] = (768, 12)
+    """(width, layers) of the first text encoder in the family's public bases."""
+
+    def healthy_band(self, text_config) -> tuple[float, float] | None:
+        """`loss_band` for a public base; None for a custom one (the toy, tiny test models), whose losses the
+        published band says nothing about."""
+        shape = (text_config.hidden_size, text_config.num_hidden_layers)
+        return self.loss_band if shape == self.public_text else None
 
     def encode(self, tokenizers, encoders, captions: list[str], clip_skip: int) -> dict:
         """Batched conditioning tensors by name: at least `context` (the cross-attention input)."""

@@ -7,6 +7,9 @@ from lorasmith.train.family import ModelFamily
 
 
 class SD1(ModelFamily):
+    loss_band = (0.08, 0.10)
+    """What the SD1.5 LoRA guides call healthy (0.08 ideal)."""
+
     def encode(self, tokenizers, encoders, captions, clip_skip):
         from lorasmith.train.text import encode_prompts, tokenize
 
@@ -30,6 +33,8 @@ class SD1(ModelFamily):
 
 class SD2(SD1):
     name, label = "sd2", "SD2.x"
+    loss_band = None  # v-prediction's losses sit on another scale; no band is published for either kind
+    public_text = (1024, 23)  # OpenCLIP-H without its last layer, as diffusers ships it
 
     def architecture(self, prediction_type):
         return ("sd_v2", "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction"

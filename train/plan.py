@@ -36,6 +36,19 @@ def batches_per_epoch(bucket_items: dict[tuple[int, int], int], batch_size: int)
     return sum(math.ceil(n / batch_size) for n in bucket_items.values() if n)
 
 
+def closes_window(index: int, per_process: int, accumulation: int) -> bool:
+    """Whether micro-batch `index` (from 0) of an epoch of `per_process` ends an accumulation window: every
+    `accumulation`-th does, and so does the epoch's last, so a partial window still steps (Kohya's count;
+    accelerate also syncs at its dataloader's end) and no gradient is carried into the next epoch."""
+    return (index + 1) % accumulation == 0 or index + 1 == per_process
+
+
+def steps_done(epoch: int, batch: int, per_process: int, accumulation: int) -> int:
+    """Optimizer steps taken once `batch` micro-batches of epoch `epoch` (from 1) are consumed: whole epochs
+    count ceil(per_process / accumulation) each, as in `make_plan`."""
+    return (epoch - 1) * math.ceil(per_process / accumulation) + math.ceil(batch / accumulation)
+
+
 def warmup_steps(value: float, total: int) -> int:
     """`lr_warmup_steps` below 1 is a fraction of all steps (0.1 = 10 %), 1 or more a step count."""
     return round(value * total) if 0 < value < 1 else int(value)
@@ -95,7 +108,8 @@ def make_plan(
     save_every: int = 0,
 ) -> Plan:
     """Steps as Kohya counts them: images × repeats × epochs / batch (×2 with regularisation), each bucket
-    rounded up, batches split over processes, then divided by gradient accumulation.
+    rounded up, batches split over processes, then divided by gradient accumulation and rounded up (each
+    epoch's last, partial window is a step: `closes_window`).
 
     `max_steps` > 0 overrides `epochs` (the epochs then needed are reported).
     """

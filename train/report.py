@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BAND = (0.08, 0.10)
-"""The loss band the SD1.5 LoRA guides call healthy (0.08 ideal): an epoch inside it is a good first pick."""
 MAX_POINTS = 1500
 """Raw-loss points drawn at most; longer runs are thinned evenly (the moving average uses every step)."""
 
@@ -38,6 +36,10 @@ class ReportData:
     """(label, epoch, data URI) per sampling event."""
     epoch_files: dict[int, str] = field(default_factory=dict)
     """epoch → the LoRA file saved at its end."""
+    band: tuple[float, float] | None = None
+    """The base family's healthy loss band (family.ModelFamily.healthy_band); None draws and marks nothing."""
+    band_family: str = ""
+    """Whose guides the band comes from, e.g. "SD1.x"."""
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -65,14 +67,16 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [round(first + i * step, 10) for i in range(int((high - first) / step) + 1)]
 
 
-def curve_svg(loss: list[list], validation: list[list], total_steps: int, band=BAND, width=860, height=320) -> str:
-    """Training loss (thin), its moving average (bold), validation loss (dots), the healthy band, epochs."""
+def curve_svg(loss: list[list], validation: list[list], total_steps: int, band: tuple[float, float] | None = None,
+              band_family: str = "", width=860, height=320) -> str:
+    """Training loss (thin), its moving average (bold), validation loss (dots), the healthy band when there
+    is one, epochs."""
     left, right, top, bottom = 56, 16, 16, 40
     steps = [row[0] for row in loss]
     values = [row[2] for row in loss]
     finite = sorted(v for v in values + [row[2] for row in validation] if math.isfinite(v))
-    high = max(band[1] * 1.25, finite[int(0.98 * (len(finite) - 1))] * 1.1 if finite else 0.0,
-               *(row[2] * 1.05 for row in validation if math.isfinite(row[2])))
+    high = max(band[1] * 1.25 if band else 0.0, finite[int(0.98 * (len(finite) - 1))] * 1.1 if finite else 0.0,
+               *(row[2] * 1.05 for row in validation if math.isfinite(row[2]))) or 1.0
     xmax = max(total_steps, steps[-1] if steps else 1, 1)
 
     def x(step: float) -> float:
@@ -82,11 +86,12 @@ def curve_svg(loss: list[list], validation: list[list], total_steps: int, band=B
         return top + (height - top - bottom) * (1 - min(value, high) / high)
 
     parts = [f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" role="img" aria-label="loss curve">',
-             f'<rect class="band" x="{left}" y="{y(band[1]):.1f}" width="{width - left - right}" '
-             f'height="{y(band[0]) - y(band[1]):.1f}" fill="#2e9d4f" fill-opacity="0.15"/>',
-             f'<text x="{width - right - 4}" y="{y(band[1]) - 4:.1f}" text-anchor="end" font-size="11" fill="#2e7d32">'
-             f'healthy for SD1.5: {band[0]:.2f}–{band[1]:.2f}</text>']
+             f'width="{width}" height="{height}" role="img" aria-label="loss curve">']
+    if band:
+        parts += [f'<rect class="band" x="{left}" y="{y(band[1]):.1f}" width="{width - left - right}" '
+                  f'height="{y(band[0]) - y(band[1]):.1f}" fill="#2e9d4f" fill-opacity="0.15"/>',
+                  f'<text x="{width - right - 4}" y="{y(band[1]) - 4:.1f}" text-anchor="end" font-size="11" '
+                  f'fill="#2e7d32">healthy for {html.escape(band_family)}: {band[0]:.2f}–{band[1]:.2f}</text>']
     for tick in _ticks(0, high):
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd"/>'
                      f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end" font-size="11">{tick:g}</text>')
@@ -139,7 +144,7 @@ def _epoch_rows(data: ReportData) -> list[str]:
     rows = []
     for epoch, values in sorted(by_epoch.items()):
         mean = sum(values) / len(values)
-        inside = BAND[0] <= mean <= BAND[1]
+        inside = data.band is not None and data.band[0] <= mean <= data.band[1]
         v = val.get(epoch)
         rows.append(f'<tr class="{"in-band" if inside else ""}"><td>{epoch}</td><td>{mean:.4f}</td>'
                     f'<td>{"" if v is None else f"{v:.4f}"}</td>'
@@ -167,6 +172,11 @@ def render(data: ReportData) -> str:
                f"{sum(recent) / max(1, len(recent)):.4f}, last {last:.4f}")
     if data.validation:
         summary += f"; validation {data.validation[-1][2]:.4f}"
+    band, source = data.band, e(data.band_family)
+    legend = (f'\n<span style="color:#2e7d32">▮ {band[0]:.2f}–{band[1]:.2f}: the band {source} LoRA guides call '
+              'healthy</span>' if band else "")
+    green = ("Green rows: the epoch's mean loss lies in the healthy band. " if band else
+             "No healthy loss band is published for this base, so no epoch is marked. ")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(data.title)}</title><style>{STYLE}</style></head><body>
 <h1>{e(data.title)}</h1>
@@ -175,12 +185,11 @@ def render(data: ReportData) -> str:
 <h2>Loss</h2>
 <p class="legend"><span style="color:#9db4d8">━ training loss per step</span>
 <span style="color:#1f4e9c">━ moving average ({average_window(len(data.loss))} steps)</span>
-<span style="color:#d9731a">● validation loss (held-out pictures, fixed noise and timesteps)</span>
-<span style="color:#2e7d32">▮ {BAND[0]:.2f}–{BAND[1]:.2f}: the band SD1.5 guides call healthy</span></p>
-{curve_svg(data.loss, data.validation, data.total_steps)}
+<span style="color:#d9731a">● validation loss (held-out pictures, fixed noise and timesteps)</span>{legend}</p>
+{curve_svg(data.loss, data.validation, data.total_steps, band, data.band_family)}
 <h2>Epochs</h2>
-<p>Green rows: the epoch's mean loss lies in the healthy band. A validation loss that rises while the
-training loss falls means the LoRA is memorising its pictures: pick an earlier epoch.</p>
+<p>{green}A validation loss that rises while the training loss falls means the LoRA is memorising its
+pictures: pick an earlier epoch.</p>
 <table><tr><th>epoch</th><th>mean loss</th><th>validation loss</th><th>LoRA file</th></tr>
 {"".join(_epoch_rows(data))}</table>
 <h2>Samples</h2>

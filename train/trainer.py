@@ -22,7 +22,7 @@ from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_
 from lorasmith.train.family import FAMILIES, family_named
 from lorasmith.train.models import check_clip_skip, inspect_base
 from lorasmith.train.objective import Objective, noise_schedule
-from lorasmith.train.plan import Plan, bucket_resolutions, make_plan
+from lorasmith.train.plan import Plan, bucket_resolutions, closes_window, make_plan
 from lorasmith.train.previews import Previews
 from lorasmith.train.signals import StopSignals
 from lorasmith.train.state import Loaded
@@ -118,6 +118,7 @@ class Trainer(RunEvents):
         family, text_config = inspect_base(self.config.model.pretrained_model)
         check_clip_skip(family, text_config, t.clip_skip)
         self.family = family_named(family)
+        self.loss_band = self.family.healthy_band(text_config)
         parts = self._load(*self.family.tokenizer_parts, "scheduler")
         self.conditioner = Conditioner(self.family, [getattr(parts, name) for name in self.family.tokenizer_parts],
                                        t.clip_skip, self.device, self.weight_dtype)
@@ -258,7 +259,7 @@ class Trainer(RunEvents):
                 for index, batch in enumerate(mine):
                     if epoch == first_epoch and index < skip:
                         continue  # consumed before the state was written
-                    loss = self._step(batch)
+                    loss = self._step(batch, closes_window(index, len(mine), t.gradient_accumulation_steps))
                     if not self.accelerator.sync_gradients:
                         continue
                     self.step += 1
@@ -291,9 +292,14 @@ class Trainer(RunEvents):
             self.result.text_encoder = self.result.text_encoders[0]
         return self.result
 
-    def _step(self, batch) -> float:
+    def _step(self, batch, closes: bool = True) -> float:
+        """One micro-batch; an optimizer step when it `closes` its accumulation window."""
         import torch
 
+        # accelerate counts micro-batches across epochs (it resets only at the end of its own dataloaders,
+        # which this loop does not use): its counter is set so that `accumulate` syncs exactly when `closes`.
+        # A partial window's gradient is still divided by the full accumulation, as in Kohya's sd-scripts.
+        self.accelerator.step = self.accelerator.gradient_accumulation_steps - 1 if closes else 0
         with self.accelerator.accumulate(*self.adapted.values()):
             if self.ranks is not None:  # DyLoRA: this micro-batch's ranks, kept through backward's recompute
                 self.ranks.draw(self.generator)
