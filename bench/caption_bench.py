@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lorasmith.captioning.blip import BlipCaptioner, BlipSettings
-from lorasmith.captioning.tiny import build_blip
+from lorasmith.models.blip import BlipCaptioner, BlipSettings
+from lorasmith.models.tiny_blip import build_blip
 
 
 def pictures(count: int, size: int = 768) -> list[Image.Image]:

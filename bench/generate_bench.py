@@ -30,10 +30,10 @@ RANK = 16
 
 def build(root: Path, model: Path | None) -> tuple[Path, list[Path], Path]:
     """The SD1.5-architecture model, three LoRA files for it and the model with the first one merged."""
-    from lorasmith.train.models import load_components
-    from lorasmith.train.tiny import build_sd
+    from lorasmith.models.base import load_components
+    from lorasmith.models.tiny import build_sd
     from lorasmith.use.apply import layer_table
-    from lorasmith.use.lorafile import read_lora
+    from lorasmith.lorafile.read import read_lora
     from lorasmith.use.merge import merge_checkpoint
 
     if model is None:
@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="an SD1.x diffusers folder (default: build one)")
     args = parser.parse_args()
 
-    from lorasmith.train.prompts import Prompt
-    from lorasmith.use.lorafile import read_lora
+    from lorasmith.common.prompts import Prompt
+    from lorasmith.lorafile.read import read_lora
     from lorasmith.use.render import Renderer
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size} px, {args.steps} steps, "

@@ -181,7 +181,7 @@ def main() -> None:
     if args.child_reference:
         reference(*args.child_reference, args.steps, args.rank, args.lr, args.batch, args.seed)
         return
-    from lorasmith.train.models import quiet_libraries
+    from lorasmith.models.base import quiet_libraries
     from toy import scores, world
     from toy.sampling import contact_sheet
 

@@ -22,7 +22,7 @@ same thing, and what each costs to train:
    (ΔW rebuilt in every forward, Kronecker products, bypass paths) add up over the ~160 adapted layers of SD1.5
    while the frozen convolutions do not change. One training step (forward + backward of
    output.float().square().mean(), no optimizer, grads then set to None) of a random-weight UNet with SD1.5's
-   architecture (train/tiny.py SIZES["sd15"], 256 px latents (1, 4, 32, 32), context (1, 77, 768)), or the tiny
+   architecture (models/tiny.py SIZES["sd15"], 256 px latents (1, 4, 32, 32), context (1, 77, 768)), or the tiny
    one for smoke runs (--unet-size tiny): peft LoRA (the baseline), peft LoKr, LyCORIS LoKr (default and
    bypass_mode=True forward), peft LoHa and LyCORIS LoHa (bypass_mode=True), rank 16, alpha 16, on the layers
    train-lora adapts (unet_targets("kohya", conv=False): Kohya's Linear and 1×1 proj_in/proj_out set, no
@@ -409,7 +409,7 @@ def unet_bench(lyc, rounds: int, size: str) -> None:
     from diffusers import UNet2DConditionModel
 
     from lorasmith.train.network import is_adapter, lora_layers, unet_targets
-    from lorasmith.train.tiny import SIZES
+    from lorasmith.models.tiny import SIZES
 
     config = dict(in_channels=4, out_channels=4, **SIZES[size]["unet"])
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ def make_dataset(folder: Path, count: int) -> None:
 
 def baseline(src: Path, dst: Path) -> None:
     """What a hand-written script does: open, convert, resize to cover, centre-crop, save PNG."""
-    from lorasmith.prep.sizing import choose_size
+    from lorasmith.common.sizing import choose_size
 
     dst.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):

@@ -342,8 +342,8 @@ def main() -> None:
     if args.child_reference:
         reference(args.child_reference[0], args.child_reference[1], int(args.child_reference[2]))
         return
-    from lorasmith.train.models import quiet_libraries
-    from lorasmith.train.tiny import build_sd
+    from lorasmith.models.base import quiet_libraries
+    from lorasmith.models.tiny import build_sd
 
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:

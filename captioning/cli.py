@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorasmith.captioning.text import DEFAULT_SEPARATOR, has_prefix
-from lorasmith.prep.cli import HelpFormatter, at_least, guarded, printable_output
+from lorasmith.common.captions import DEFAULT_SEPARATOR, has_prefix
+from lorasmith.common.console import HelpFormatter, at_least, guarded, printable_output
 
 MAX_SEED = 2**32 - 1
 
@@ -28,7 +28,7 @@ def _number(kind, low, high, low_open=False):
 
 
 def extension_arg(text: str) -> str:
-    from lorasmith.prep.sidecar import caption_extension
+    from lorasmith.common.sidecar import caption_extension
 
     try:
         return caption_extension(text)
@@ -38,7 +38,7 @@ def extension_arg(text: str) -> str:
 
 def caption_words(text: str) -> str:
     """Words that go into every caption, on one line: Kohya reads only a caption's first line."""
-    from lorasmith.prep.sidecar import control_character
+    from lorasmith.common.sidecar import control_character
 
     found = control_character(text)
     if found in ("U+000A", "U+000D"):
@@ -70,8 +70,8 @@ stopped by Ctrl-C/SIGTERM (every caption written so far is whole).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorasmith.captioning.blip import DEFAULT_BLIP
-    from lorasmith.captioning.wd14 import DEFAULT_WD14
+    from lorasmith.models.blip import DEFAULT_BLIP
+    from lorasmith.models.wd14 import DEFAULT_WD14
 
     p = argparse.ArgumentParser(
         prog="caption-folder",
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _captioner(args):
-    from lorasmith.captioning.blip import BlipCaptioner, BlipSettings
-    from lorasmith.captioning.wd14 import Wd14Settings, Wd14Tagger
+    from lorasmith.models.blip import BlipCaptioner, BlipSettings
+    from lorasmith.models.wd14 import Wd14Settings, Wd14Tagger
 
     blip = wd14 = None
     if "blip" in args.captioner:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --min-length: {args.min_length} is more than --max-length {args.max_length}")
     printable_output()
     from lorasmith.captioning.folder import CaptionOptions
-    from lorasmith.captioning.hub import ModelNotFound
+    from lorasmith.common.hub import ModelNotFound
 
     options = CaptionOptions(args.prefix, args.postfix, args.separator, args.caption_extension, args.overwrite,
                              args.batch_size)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, options, locks: list):
     """Find the pictures, lock the folders that will be written, then prefix or caption."""
     from lorasmith.captioning.folder import add_prefixes, caption_folder, find_images, plan
-    from lorasmith.prep.layout import parse_repeat_folder, stray_pictures
+    from lorasmith.common.layout import parse_repeat_folder, stray_pictures
 
     unreadable: list[tuple[Path, str]] = []
     images = find_images(args.dir, unreadable)
@@ -217,8 +217,8 @@ def _run(args, options, locks: list):
 def _lock_folders(folders: set[Path], locks: list) -> dict[Path, str]:
     """Lock every folder captions go into (one run at a time, and stale temporary files of killed runs
     cleared); returns {folder: reason} for those that cannot be written. Busy when another run holds one."""
-    from lorasmith.prep.files import StorageError, clear_stale_parts, is_disk_full, storage_message
-    from lorasmith.prep.lock import RunLock
+    from lorasmith.common.files import StorageError, clear_stale_parts, is_disk_full, storage_message
+    from lorasmith.common.lock import RunLock
 
     unwritable = {}
     for folder in sorted(folders):

@@ -1,6 +1,6 @@
 """`caption_folder`: sidecar captions for every picture of a training folder, never overwriting the user's.
 
-Sidecars follow prep's one rule (`lorasmith.prep.sidecar`): written only for pictures that open, never where
+Sidecars follow prep's one rule (`lorasmith.common.sidecar`): written only for pictures that open, never where
 a picture is, read as UTF-8/UTF-16 text, written as UTF-8 with the caption's own permissions, read-only
 ones left alone. A problem with one picture or caption is reported by name and the run goes on; a full
 disk stops it (StorageError), every caption written so far whole.
@@ -17,11 +17,11 @@ from typing import Protocol
 from PIL import Image
 from tqdm import tqdm
 
-from lorasmith.captioning.text import DEFAULT_SEPARATOR, compose
-from lorasmith.prep.files import StorageError, is_disk_full, storage_message
-from lorasmith.prep.layout import iter_images, repeat_folders
-from lorasmith.prep.loading import PictureError, open_picture, picture_problem
-from lorasmith.prep.sidecar import ReadOnly, SidecarError, load_caption, write_caption
+from lorasmith.common.captions import DEFAULT_SEPARATOR, compose
+from lorasmith.common.files import StorageError, is_disk_full, storage_message
+from lorasmith.common.layout import iter_images, repeat_folders
+from lorasmith.common.loading import PictureError, open_picture, picture_problem
+from lorasmith.common.sidecar import ReadOnly, SidecarError, load_caption, write_caption
 
 
 class Captioner(Protocol):

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from lorasmith.captioning.cli import caption_words, extension_arg
-from lorasmith.captioning.text import check_pattern, frequency, replace
-from lorasmith.prep.cli import HelpFormatter, at_least
-from lorasmith.prep.sidecar import SidecarError, control_character, read_caption, write_caption
+from lorasmith.common.captions import check_pattern, frequency, replace
+from lorasmith.common.console import HelpFormatter, at_least
+from lorasmith.common.sidecar import SidecarError, control_character, read_caption, write_caption
 
 
 def _captions(folder: Path, extension: str, problems: list[str]) -> dict[Path, str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from lorasmith.prep.files import sha256_file, write_bytes_atomic
-from lorasmith.prep.layout import CAPTION_EXTENSIONS, is_image_name, sidecars
-from lorasmith.prep.sidecar import SidecarError, utf8_copy
+from lorasmith.common.files import sha256_file, write_bytes_atomic
+from lorasmith.common.layout import CAPTION_EXTENSIONS, is_image_name, sidecars
+from lorasmith.common.sidecar import SidecarError, utf8_copy
 
 
 def sync_captions(source: Path, output: Path, copied_before: dict[str, str]) -> tuple[dict[str, str], list[str]]:

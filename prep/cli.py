@@ -9,9 +9,10 @@ from pathlib import Path
 
 from PIL import ImageColor
 
-from lorasmith.prep.crop import CROP_HELP, CROP_MODES
-from lorasmith.prep.layout import check_folder_name, validate_name
-from lorasmith.prep.loading import DEFAULT_MAX_PIXELS
+from lorasmith.common.console import HelpFormatter, at_least, guarded, printable_output
+from lorasmith.common.crop import CROP_HELP, CROP_MODES
+from lorasmith.common.layout import check_folder_name, validate_name
+from lorasmith.common.loading import DEFAULT_MAX_PIXELS
 from lorasmith.prep.picture import PrepOptions
 
 EPILOG = """\
@@ -33,17 +34,6 @@ input with its reason.
 """
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, except where there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        flag = action.nargs == 0
-        if action.default not in (None, argparse.SUPPRESS) and not flag and action.option_strings and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def _repeats(text: str) -> int | None:
     if text == "auto":
         return None
@@ -54,21 +44,6 @@ def _repeats(text: str) -> int | None:
     if value < 1:
         raise argparse.ArgumentTypeError("repeats must be at least 1")
     return value
-
-
-def at_least(low: int):
-    """An argparse type: a whole number of at least `low` (argparse names the option in its error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _colour(text: str) -> tuple[int, int, int]:
@@ -117,34 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def printable_output() -> None:
-    """Names that are not UTF-8 print as escapes instead of ending the run with an encoding error."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-
-
-def guarded(prog: str, kept: str, usage_errors: tuple, work):
-    """(exit code, None) after one stderr line for the ways a file-by-file job ends early, or (None, what
-    `work()` returned): usage errors 2, a full or unwritable disk 1, Ctrl-C/SIGTERM 128 + the signal."""
-    from lorasmith.prep.files import StorageError
-    from lorasmith.prep.lock import Busy
-    from lorasmith.prep.stop import Stopped, stop_on_signals
-
-    stop_on_signals()
-    try:
-        return None, work()
-    except (*usage_errors, Busy, ValueError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2, None
-    except StorageError as exc:
-        print(f"{prog}: error: {exc}; {kept}: make room and run it again", file=sys.stderr)
-        return 1, None
-    except Stopped as stop:
-        print(f"{prog}: stopped by {stop.name}; {kept}: run it again to do the rest", file=sys.stderr)
-        return stop.exit_code, None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -152,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorasmith.prep.pipeline import UsageError, prepare_folder, validate_paths
 
     def work():
-        from lorasmith.prep.sizing import auto_repeats, candidate_sizes
+        from lorasmith.common.sizing import auto_repeats, candidate_sizes
 
         name = validate_name(args.name)
         check_folder_name(name, args.repeats or auto_repeats(1))  # auto repeats are largest for one picture

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from lorasmith.prep.crop import choose_box, render
-from lorasmith.prep.files import is_disk_full
-from lorasmith.prep.loading import DEFAULT_MAX_PIXELS, WHITE, PictureError, open_picture
-from lorasmith.prep.sizing import choose_size, draft_request, is_small
+from lorasmith.common.crop import choose_box, render
+from lorasmith.common.files import is_disk_full
+from lorasmith.common.loading import DEFAULT_MAX_PIXELS, WHITE, PictureError, open_picture
+from lorasmith.common.sizing import choose_size, draft_request, is_small
 
 PNG_COMPRESS_LEVEL = 3
 """zlib level 3 writes PNGs a few percent larger than the default 6 at about twice the speed."""

@@ -12,14 +12,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lorasmith.prep.captions import orphan_captions, sync_captions
-from lorasmith.prep.files import StorageError, clear_stale_parts, is_disk_full, sha256_file, storage_message
-from lorasmith.prep.layout import (RepeatFolder, display, output_stems, repeat_folder_name, repeat_folders,
+from lorasmith.common.files import StorageError, clear_stale_parts, is_disk_full, sha256_file, storage_message
+from lorasmith.common.layout import (RepeatFolder, display, output_stems, repeat_folder_name, repeat_folders,
                                    scan_sources)
-from lorasmith.prep.lock import RunLock
+from lorasmith.common.lock import RunLock
 from lorasmith.prep.picture import Outcome, PrepOptions, prepare_picture
 from lorasmith.prep.report import Journal, Report, load_report, save_report
-from lorasmith.prep.sizing import auto_repeats
-from lorasmith.prep.stop import worker_signals
+from lorasmith.common.sizing import auto_repeats
+from lorasmith.common.stop import worker_signals
 
 
 class UsageError(Exception):

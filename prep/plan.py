@@ -6,9 +6,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from lorasmith.prep.layout import display, output_stems, repeat_folder_name, scan_sources
+from lorasmith.common.layout import display, output_stems, repeat_folder_name, scan_sources
 from lorasmith.prep.picture import PrepOptions
-from lorasmith.prep.sizing import auto_repeats, choose_size, is_small
+from lorasmith.common.sizing import auto_repeats, choose_size, is_small
 
 _SWAPS_AXES = {5, 6, 7, 8}
 

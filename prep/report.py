@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lorasmith.prep.files import write_bytes_atomic
-from lorasmith.prep.layout import REPORT_NAME
+from lorasmith.common.files import write_bytes_atomic
+from lorasmith.common.layout import REPORT_NAME
 from lorasmith.prep.picture import Outcome
 
 REPORT_VERSION = 1

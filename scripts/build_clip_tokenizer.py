@@ -7,7 +7,7 @@ open_clip_torch ships the merges list. The vocabulary is built as CLIP's own `Si
 specials — 49,408 ids in all.
 
     .venv/bin/pip download open_clip_torch --no-deps -d /tmp/oc && unzip -o /tmp/oc/*.whl 'open_clip/*.gz' -d /tmp/oc
-    .venv/bin/python scripts/build_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz train/clip
+    .venv/bin/python scripts/build_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz models/clip
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/prep-images ] || bash scripts/setup.sh
 OUT=${LORASMITH_EXAMPLE_OUT:-out/example}
 .venv/bin/prep-images datasets_example/raw --out "$OUT" --name "claymation style"
-.venv/bin/python -m lorasmith.captioning.tiny "$OUT/models/tiny-blip"
+.venv/bin/python -m lorasmith.models.tiny_blip "$OUT/models/tiny-blip"
 .venv/bin/caption-folder "$OUT" --prefix "claymation style" --model "$OUT/models/tiny-blip" --beam-search
 .venv/bin/caption-folder "$OUT" --prefix "claymation style" --prefix-only
 .venv/bin/train-lora presets/toy-clay.toml --set "dataset.train_data_dir=$OUT" --set "output.output_dir=$OUT/lora" "$@"

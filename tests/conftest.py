@@ -114,7 +114,7 @@ def image_factory(tmp_path: Path):
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
     """A random-weight BLIP folder built from a config (no download), shared by the whole session."""
-    from lorasmith.captioning.tiny import build_blip
+    from lorasmith.models.tiny_blip import build_blip
 
     return build_blip(tmp_path_factory.mktemp("tiny-blip"))
 
@@ -130,7 +130,7 @@ def training_root(root: Path, folders: dict[str, int]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A random-weight Stable Diffusion folder (diffusers layout) built from configs, shared by the session."""
-    from lorasmith.train.tiny import build_sd
+    from lorasmith.models.tiny import build_sd
 
     return build_sd(tmp_path_factory.mktemp("tiny-sd"))
 
@@ -138,7 +138,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xl(tmp_path_factory) -> Path:
     """A random-weight SDXL base folder (two text encoders, CLIP's real tokenizers), shared by the session."""
-    from lorasmith.train.tiny import build_sd
+    from lorasmith.models.tiny import build_sd
 
     return build_sd(tmp_path_factory.mktemp("tiny-xl"), "tiny-xl")
 

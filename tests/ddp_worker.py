@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from lorasmith.train.config import load_config
 from lorasmith.train.state import load_resume
-from lorasmith.train.export import kohya_state_dict
+from lorasmith.lorafile.export import kohya_state_dict
 from lorasmith.train.trainer import run, world
 
 config = load_config(Path(sys.argv[1]))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import pattern, training_root
-from lorasmith.captioning.blip import BlipCaptioner, BlipSettings
-from lorasmith.captioning.hub import ModelNotFound, load_model
+from lorasmith.models.blip import BlipCaptioner, BlipSettings
+from lorasmith.common.hub import ModelNotFound, load_model
 
 BIN = Path(sys.executable).parent
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lorasmith.captioning.text import clean_sentence, clean_tag, compose, frequency, has_prefix, replace, tokens
+from lorasmith.common.captions import clean_sentence, clean_tag, compose, frequency, has_prefix, replace, tokens
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REPO
-from lorasmith.train.tokenizer import FOLDER, OPENCLIP_PAD, clip_tokenizer
+from lorasmith.models.tokenizer import FOLDER, OPENCLIP_PAD, clip_tokenizer
 
 
 @pytest.mark.parametrize("text, ids", [

@@ -177,7 +177,7 @@ def test_own_outputs_are_known_by_their_marker_whatever_their_name(tmp_path, tin
     code, err = main(capsys, preset, "--dry-run", *sets("output.output_name=6_y"))
     check_result(code, 0, err)
     assert plan_images(err) == 3 and "5_x" not in err
-    from lorasmith.prep.layout import OUTPUT_MARKER
+    from lorasmith.common.layout import OUTPUT_MARKER
 
     for kind in ("samples", "state", "logs"):
         assert (dataset / f"5_x.{kind}" / OUTPUT_MARKER).is_file(), kind
@@ -361,7 +361,7 @@ def test_metadata_names_no_absolute_path_and_follows_kohya(tmp_path, tiny_sd, da
 def test_the_legacy_hash_is_kohyas(tmp_path):
     from safetensors.torch import save
 
-    from lorasmith.train.export import save_lora
+    from lorasmith.lorafile.export import save_lora
 
     tensors = {"lora_unet_x.lora_down.weight": torch.arange(600_000, dtype=torch.float32).reshape(600, 1000)}
     metadata = {"ss_output_name": "x", "modelspec.title": "a title long enough to move the tensor data"}

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from conftest import REPO
 from hostile import check, check_result, run, snapshot, tiny_disk, unprivileged
 from loras import attention_and_text, random_modules, write_kohya
-from lorasmith.train.models import load_components
+from lorasmith.models.base import load_components
 from lorasmith.use.apply import layer_table
 from lorasmith.use.cli import main
 from lorasmith.use.jobs import JobError, resolve_tag
@@ -178,7 +178,7 @@ def test_a_lora_file_holding_inf_is_refused_by_every_user_of_it(tiny_sd, plain, 
 
 
 def test_a_picture_that_comes_out_nan_is_never_saved():
-    from lorasmith.train.sampling import NonFinitePicture, finite_picture
+    from lorasmith.models.sampling import NonFinitePicture, finite_picture
 
     class Pipe:
         numpy_to_pil = staticmethod(lambda images: [Image.fromarray((images[0] * 255).round().astype("uint8"))])

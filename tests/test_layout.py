@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasmith.prep.layout import (
+from lorasmith.common.layout import (
     output_stems,
     parse_repeat_folder,
     repeat_folder_name,

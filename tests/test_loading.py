@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image, swapped_primaries_icc
-from lorasmith.prep.loading import PictureError, open_picture
+from lorasmith.common.loading import PictureError, open_picture
 
 
 def marker_image(path: Path, orientation: int) -> Path:

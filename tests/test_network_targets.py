@@ -34,7 +34,7 @@ def kohya_modules(unet, conv: bool) -> dict[str, str]:
 def meta_unet(size: str):
     from diffusers import UNet2DConditionModel
 
-    from lorasmith.train.tiny import SIZES
+    from lorasmith.models.tiny import SIZES
 
     with torch.device("meta"):
         return UNet2DConditionModel(in_channels=4, out_channels=4, **SIZES[size]["unet"])
@@ -60,7 +60,7 @@ def test_peft_puts_kohyas_ranks_on_the_tiny_sdxl_unet():
     """Injected for real: the same list, rank network_dim on Linear and 1×1 layers, conv_dim on 3×3 kernels."""
     from diffusers import UNet2DConditionModel
 
-    from lorasmith.train.tiny import SIZES
+    from lorasmith.models.tiny import SIZES
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SIZES["tiny-xl"]["unet"])

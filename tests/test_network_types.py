@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import small_dataset, write_preset
-from lorasmith.use.lorafile import read_lora
+from lorasmith.lorafile.read import read_lora
 from test_train_resume import finish, same_lora, train, wait_for_step
 
 
@@ -68,7 +68,7 @@ def unet_output(unet) -> torch.Tensor:
 @pytest.mark.parametrize("module", ["lora", "locon", "loha", "lokr", "dylora"])
 def test_the_file_rebuilt_by_the_published_formula_is_the_live_model(module, tiny_sd, tmp_path):
     from lorasmith.train.config import load_config
-    from lorasmith.train.models import load_components
+    from lorasmith.models.base import load_components
     from lorasmith.train.trainer import run
 
     network = {"network_module": module, "network_dim": 4, "network_alpha": 2}
@@ -173,7 +173,7 @@ def test_a_dylora_cut_to_fewer_ranks_is_the_model_at_those_ranks(tiny_sd, tmp_pa
     drawn = []
     draw = RankSampler.draw
     monkeypatch.setattr(RankSampler, "draw", lambda self, generator: drawn.append(draw(self, generator)) or drawn[-1])
-    from lorasmith.train.models import load_components
+    from lorasmith.models.base import load_components
     from lorasmith.train.trainer import run
     from lorasmith.use.cli import main as lora
 
@@ -260,7 +260,7 @@ def _lycoris_loads(layer) -> bool:
     rebuilds a peft LoKr layer from the tensors lorasmith saves for it."""
     from lycoris.modules.lokr import LokrModule
 
-    from lorasmith.train.export import layer_tensors
+    from lorasmith.lorafile.export import layer_tensors
 
     t = layer_tensors(layer)
     parts = [t.get(name) for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")]
@@ -309,7 +309,7 @@ def test_lycoris_loads_a_conv_lokr_at_factor_minus_1_with_lorasmiths_delta(tmp_p
     from lycoris import create_lycoris_from_weights
     from lycoris.wrapper import LycorisNetwork
 
-    from lorasmith.train.export import kohya_state_dict, save_lora
+    from lorasmith.lorafile.export import kohya_state_dict, save_lora
     from lorasmith.train.network import add_unet_lora
 
     shape = dict(block_out_channels=(24, 48), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasmith.train.single_file import (CheckpointError, Family, detect_family, read_checkpoint, text_configs,
+from lorasmith.models.single_file import (CheckpointError, Family, detect_family, read_checkpoint, text_configs,
                                          unet_config, vae_config)
-from lorasmith.use.checkpoint import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, original_key, original_state_dict,
+from lorasmith.models.checkpoint import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, original_key, original_state_dict,
                                       unet_modules, vae_modules)
 
 DOWN, UP = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -179,7 +179,7 @@ def tiny(kind: str, **unet_changes):
     """(models, original-layout state) of a tiny model with real weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from lorasmith.train.tiny import SIZES
+    from lorasmith.models.tiny import SIZES
 
     torch.manual_seed(0)
     unet = {"sd1": SIZES["tiny"]["unet"], "sdxl": TINY_XL_UNET,
@@ -205,7 +205,7 @@ def test_tiny_sd1_through_lorasmiths_writer():
     """lorasmith's tiny model (16 groups, 4 heads) comes back exactly from the file lorasmith itself writes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from lorasmith.train.tiny import SIZES
+    from lorasmith.models.tiny import SIZES
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SIZES["tiny"]["unet"]).eval()

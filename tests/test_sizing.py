@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lorasmith.prep.sizing import (
+from lorasmith.common.sizing import (
     Box,
     auto_repeats,
     best_window,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasmith.train.prompts import Prompt, parse_line, parse_prompts
+from lorasmith.common.prompts import Prompt, parse_line, parse_prompts
 from lorasmith.train.report import ReportData, average_window, curve_svg, moving_average, render
 from lorasmith.train.state import (SaveError, StateError, describe_changes, is_complete, latest, read_state,
                                    states, storage_error, write_state)
@@ -235,7 +235,7 @@ def test_report_without_a_band_draws_and_marks_none():
 def test_the_healthy_band_comes_from_the_family_of_a_public_base(family, width, layers, band):
     from transformers import CLIPTextConfig
 
-    from lorasmith.train.family import family_named
+    from lorasmith.models.families import family_named
 
     config = CLIPTextConfig(hidden_size=width, num_hidden_layers=layers)
     assert family_named(family).healthy_band(config) == band

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from conftest import make_image, small_dataset, write_preset
 from lorasmith.train.config import load_config
 from lorasmith.train.dataset import load_dataset, process_caption
-from lorasmith.train.export import text_key
+from lorasmith.lorafile.export import text_key
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
 from lorasmith.train.plan import bucket_resolutions
 from lorasmith.train.trainer import Trainer, plan_run, run
@@ -290,7 +290,7 @@ def test_accumulation_steps_at_each_epoch_end_as_planned_and_resumes_exactly(tmp
 
 @pytest.mark.parametrize("public", [True, False])
 def test_report_draws_the_sd1_band_only_for_a_public_sd1_base(tmp_path, tiny_sd, monkeypatch, public):
-    from lorasmith.train.family_sd import SD1
+    from lorasmith.models.family_sd import SD1
 
     if public:  # the tiny model's text encoder shape taken for SD1.x's published one
         monkeypatch.setattr(SD1, "public_text", (32, 3))

@@ -22,8 +22,8 @@ PROMPTS = "claymation style, a blob --w 64 --h 64 --s 2 --n blurry\n"
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory, tiny_xl):
     """(diffusers folder, single file, dataset root) of one tiny SDXL."""
-    from lorasmith.train.models import load_components
-    from lorasmith.use.checkpoint import original_state_dict, save_checkpoint
+    from lorasmith.models.base import load_components
+    from lorasmith.models.checkpoint import original_state_dict, save_checkpoint
 
     root = tmp_path_factory.mktemp("xl")
     folder = tiny_xl
@@ -52,7 +52,7 @@ def preset(root: Path, model: Path, data: Path, **sections) -> Path:
     ((640, 960), (512, 768), True, (960, 640, 0, 0, 768, 512)),  # same aspect: no crop
 ])
 def test_time_ids_of_a_cropped_bucketed_picture_match_a_hand_computation(size, bucket, flip, expected):
-    from lorasmith.train.family import family_named
+    from lorasmith.models.families import family_named
 
     assert crop_geometry(size, bucket, flip) == expected
     cond = {"context": torch.zeros(1, 77, 64), "pooled": torch.zeros(1, 32)}
@@ -67,7 +67,7 @@ def test_sdxl_lora_is_kohya_named_and_loads_in_diffusers_as_trained(xl, tmp_path
     from diffusers import StableDiffusionXLPipeline
 
     from lorasmith.train.config import load_config
-    from lorasmith.train.family_sdxl import SDXL
+    from lorasmith.models.family_sdxl import SDXL
     from lorasmith.train.trainer import run
 
     monkeypatch.setattr(SDXL, "public_text", (32, 2))  # the tiny base counts as public: no band all the same

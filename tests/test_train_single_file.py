@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import small_dataset, write_preset
-from lorasmith.train.models import load_components
+from lorasmith.models.base import load_components
 
 BIN = Path(sys.executable).parent
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's ids for "a photo of a cat"
@@ -22,8 +22,8 @@ def tiny_parts(family: str, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorasmith.train.tiny import SIZES, sd_scheduler
-    from lorasmith.train.tokenizer import OPENCLIP_PAD, clip_tokenizer
+    from lorasmith.models.tiny import SIZES, sd_scheduler
+    from lorasmith.models.tokenizer import OPENCLIP_PAD, clip_tokenizer
 
     sd2 = family == "sd2"
     torch.manual_seed(seed)
@@ -45,8 +45,8 @@ def tiny_parts(family: str, seed: int = 0):
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def base(request, tmp_path_factory):
     """(family, diffusers folder, single file) of one tiny model."""
-    from lorasmith.train.tiny import save_pipeline
-    from lorasmith.use.checkpoint import original_state_dict, save_checkpoint
+    from lorasmith.models.tiny import save_pipeline
+    from lorasmith.models.checkpoint import original_state_dict, save_checkpoint
 
     root = tmp_path_factory.mktemp(request.param)
     tokenizer, text, vae, unet, scheduler = tiny_parts(request.param)
@@ -152,8 +152,8 @@ def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path, tiny_xl):
     """SDXL's layout (label_emb, CLIP-L and OpenCLIP-bigG under conditioner.embedders.0/1) written by lorasmith's
     writer and loaded back: the UNet with its size/pooled-text conditioning and both encoders equal the models
     written, within 1e-5. `lora` (SD1.x and SD2.x so far) refuses it in one sentence."""
-    from lorasmith.train.single_file import CheckpointError
-    from lorasmith.use.checkpoint import original_state_dict, save_checkpoint
+    from lorasmith.models.single_file import CheckpointError
+    from lorasmith.models.checkpoint import original_state_dict, save_checkpoint
 
     built = load_components(str(tiny_xl), ("text_encoder", "text_encoder_2", "vae", "unet"), families=("sdxl",))
     unet, vae, clip_l, big_g = built.unet, built.vae, built.text_encoder, built.text_encoder_2
@@ -186,7 +186,7 @@ def test_an_sd2_base_file_read_as_768_v_trains_as_epsilon_when_the_preset_says_s
     """An SD2.x file without its training step reads as v-prediction; model.prediction_type = "epsilon" (an
     SD2.x-base file) sets the loss, the samplers and the metadata."""
     from lorasmith.train.config import ModelConfig
-    from lorasmith.train.tiny import sd_scheduler
+    from lorasmith.models.tiny import sd_scheduler
     from lorasmith.train.objective import noise_schedule
 
     family, _, file = base

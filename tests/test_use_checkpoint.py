@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 
-from lorasmith.use.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, original_state_dict, save_checkpoint
+from lorasmith.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, original_state_dict, save_checkpoint
 
 PREFIXES = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from lorasmith.train.tiny import build_sd
+    from lorasmith.models.tiny import build_sd
 
     return build_sd(tmp_path_factory.mktemp("checkpoint") / "base", "tiny", seed=0)
 
@@ -120,8 +120,8 @@ def test_sd15_layout_inverts_diffusers_conversion():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from lorasmith.train.tiny import SIZES
-    from lorasmith.use.checkpoint import original_key, unet_modules, vae_modules
+    from lorasmith.models.tiny import SIZES
+    from lorasmith.models.checkpoint import original_key, unet_modules, vae_modules
 
     spec = SIZES["sd15"]
     with init_empty_weights():
@@ -193,7 +193,7 @@ def test_sd2_text_encoder_in_open_clip_layout_converts_back_through_diffusers():
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorasmith.use.checkpoint import OPEN_CLIP_PREFIX, text_state_dict
+    from lorasmith.models.checkpoint import OPEN_CLIP_PREFIX, text_state_dict
 
     torch.manual_seed(0)
     openclip = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,

@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from conftest import REPO
 from loras import attention_and_text, random_modules, write_kohya
-from lorasmith.train.models import load_components
-from lorasmith.train.prompts import Prompt
+from lorasmith.models.base import load_components
+from lorasmith.common.prompts import Prompt
 from lorasmith.use.apply import layer_table
 from lorasmith.use.cli import main
 from lorasmith.use.jobs import JobError, fit_size, parse_lora_arg, resolve_tag, split_lora_tags
@@ -122,7 +122,7 @@ def test_generate_writes_pictures_with_their_parameters_and_reruns_only_what_is_
 def test_weight_zero_is_the_base_model_and_img2img_ends_meet(loras):
     """On the toy base (a VAE that reconstructs): weight 0 gives the base model's pixels exactly; strength 0
     gives the picture back through the VAE, strength 1 the text-to-image picture of the same seed."""
-    from lorasmith.use.lorafile import read_lora
+    from lorasmith.lorafile.read import read_lora
     from lorasmith.use.render import Renderer
 
     toy = load_components(str(TOY), ("text_encoder", "unet"))

@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loras import attention_and_text, random_modules, write_kohya
-from lorasmith.train.models import load_components
-from lorasmith.train.prompts import Prompt
+from lorasmith.models.base import load_components
+from lorasmith.common.prompts import Prompt
 from lorasmith.use.apply import activate, layer_table, load_adapters, merge_into
-from lorasmith.use.lorafile import LoraError, parse_lora, read_lora
+from lorasmith.lorafile.read import LoraError, parse_lora, read_lora
 from lorasmith.use.lowrank import concatenate, rank_for_share, resize, svd_merge
 
 
@@ -126,7 +126,7 @@ def test_diffusers_and_kohya_files_of_one_adapter_describe_the_same_delta(tiny_s
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from lorasmith.train.export import kohya_state_dict
+    from lorasmith.lorafile.export import kohya_state_dict
     from lorasmith.train.network import add_text_lora, add_unet_lora, lora_layers
 
     parts = load_components(str(tiny_sd), ("text_encoder", "unet"))

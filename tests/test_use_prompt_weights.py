@@ -178,7 +178,7 @@ def test_weights_at_positions(tok):
 
 @pytest.mark.parametrize("pad", [None, "!"])
 def test_short_prompt_ids_match_tokenize(pad):
-    from lorasmith.train.text import tokenize
+    from lorasmith.models.text import tokenize
 
     tok = word_tokenizer(pad_token=pad) if pad else word_tokenizer()
     text = "aa, bb cc dd"
@@ -219,7 +219,7 @@ def no_grad():
 def test_plain_prompt_matches_encode_prompts(tok, enc, clip_skip):
     import torch
 
-    from lorasmith.train.text import encode_prompts, tokenize
+    from lorasmith.models.text import encode_prompts, tokenize
 
     text = "aa, bb cc dd ee"
     expected = encode_prompts(enc, tokenize(tok, [text]), clip_skip)
@@ -233,7 +233,7 @@ def test_plain_prompt_matches_encode_prompts(tok, enc, clip_skip):
 def test_weight_scales_its_position_then_mean_is_restored(tok, enc, clip_skip):
     import torch
 
-    from lorasmith.train.text import encode_prompts, tokenize
+    from lorasmith.models.text import encode_prompts, tokenize
 
     base = encode_prompts(enc, tokenize(tok, ["aa bb cc"]), clip_skip)
     got = encode_weighted(tok, enc, "aa (bb:1.5) cc", clip_skip)
@@ -251,7 +251,7 @@ def test_weight_scales_its_position_then_mean_is_restored(tok, enc, clip_skip):
 def test_long_prompt_chunks_encode_independently(tok, enc):
     import torch
 
-    from lorasmith.train.text import encode_prompts, tokenize
+    from lorasmith.models.text import encode_prompts, tokenize
 
     words = WORDS[:100]
     got = encode_weighted(tok, enc, " ".join(words))

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from lorasmith.captioning.wd14 import Wd14Settings, Wd14Tagger, preprocess
+from lorasmith.models.wd14 import Wd14Settings, Wd14Tagger, preprocess
 
 BIN = Path(sys.executable).parent
 TAGS = [  # name, category, weights on mean (B, G, R) in 0..1, bias

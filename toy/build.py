@@ -203,7 +203,7 @@ def encode_pool(vae, settings: Settings):
 
 def scheduler():
     """SD's own noise schedule: a LoRA trained on the toy model meets the schedule a real one does."""
-    from lorasmith.train.tiny import sd_scheduler
+    from lorasmith.models.tiny import sd_scheduler
 
     return sd_scheduler()
 
@@ -280,7 +280,7 @@ def train_unet(settings: Settings, pool, tok, log, unet, encoder, steps: int, lr
 
 
 def save(folder: Path, tok, encoder, vae, unet) -> None:
-    from lorasmith.train.tiny import save_pipeline
+    from lorasmith.models.tiny import save_pipeline
 
     save_pipeline(folder, tok, encoder, vae, unet, scheduler())
 

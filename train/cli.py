@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorasmith.prep.cli import HelpFormatter
+from lorasmith.common.console import HelpFormatter
 
 EPILOG = """\
 The plan (images, repeats, buckets, batches, steps, warmup, saves) is printed before any model loads;
@@ -79,8 +79,8 @@ def newest_state(config):
 
 def take_lock(config):
     """One run per output name: a second train-lora into the same files is refused, naming the first."""
-    from lorasmith.prep.files import is_disk_full, make_output_folder
-    from lorasmith.prep.lock import RunLock
+    from lorasmith.common.files import is_disk_full, make_output_folder
+    from lorasmith.common.lock import RunLock
     from lorasmith.train.config import ConfigError
     from lorasmith.train.state import storage_error
 
@@ -128,8 +128,8 @@ def _train(args, rank: int, log, held: dict):
     """Preset → plan → (unless --dry-run) lock, resume checks and the run; `held` keeps the config, state
     and lock for the messages and clean-up of main()."""
     from lorasmith.train.config import load_config
-    from lorasmith.train.family import FAMILIES
-    from lorasmith.train.models import describe_base, resolve_name
+    from lorasmith.models.families import FAMILIES
+    from lorasmith.models.base import describe_base, resolve_name
     from lorasmith.train.state import check_resume, load_resume
     from lorasmith.train.trainer import plan_run, run
 
@@ -163,19 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
-    from lorasmith.prep.cli import printable_output
+    from lorasmith.common.console import printable_output
 
     printable_output()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    from lorasmith.captioning.hub import ModelNotFound
-    from lorasmith.prep.lock import Busy
+    from lorasmith.common.hub import ModelNotFound
+    from lorasmith.common.lock import Busy
     from lorasmith.train.config import ConfigError
     from lorasmith.train.dataset import DatasetError
     from lorasmith.train.events import NonFiniteLoss, Preempted
     from lorasmith.train.signals import PREEMPTED_EXIT, Interrupted, StopSignals
-    from lorasmith.train.single_file import CheckpointError
+    from lorasmith.models.single_file import CheckpointError
     from lorasmith.train.state import SaveError, StateError
-    from lorasmith.train.trainer import world
+    from lorasmith.train.preparation import world
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)

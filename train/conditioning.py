@@ -3,6 +3,7 @@ when they stay frozen, and the family's extra inputs (SDXL's pooled text and siz
 
 from __future__ import annotations
 
+from lorasmith.train.schema import ConfigError
 from lorasmith.train.dataset import crop_geometry
 
 CACHE_BATCH = 16
@@ -50,3 +51,13 @@ class Conditioner:
         some families use)."""
         geometry = [crop_geometry(i.size or i.bucket, i.bucket, f) for i, f in zip(items, flips)]
         return self.family.unet_inputs(cond, geometry)
+
+
+def check_clip_skip(family: str, config, skip: int) -> None:
+    """clip_skip against the family and the text encoder's depth, before anything is cached."""
+    if family == "sdxl" and skip > 1:
+        raise ConfigError(f"training.clip_skip = {skip} does not apply to SDXL, which already takes the penultimate "
+                          "layer of both text encoders: set 1")
+    if skip > config.num_hidden_layers:
+        raise ConfigError(f"training.clip_skip = {skip} is more than the {config.num_hidden_layers} layers of this "
+                          "model's text encoder: use 1 (realistic models) or 2 (anime models)")

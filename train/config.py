@@ -1,9 +1,6 @@
-"""The preset: a tree of typed dataclasses, read from TOML once, strictly, with errors that name the key.
-
-Setting names follow Kohya's where a Kohya user would look for them (`network_dim`, `learning_rate`,
-`clip_skip`, ...), so their knowledge carries over. Hyperparameters live here; runtime flags (device,
-dry run) stay on the command line.
-"""
+"""The preset read from TOML once, strictly, into the schema's dataclasses (`schema.py`), with errors that name
+the key and the file; `--set section.key=value` overrides typed from the schema; the resolved preset written
+back as TOML."""
 
 from __future__ import annotations
 
@@ -12,186 +9,12 @@ import difflib
 import math
 import typing
 import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-CONFIG_VERSION = 1
-MAX_SEED = 2**32 - 1
-"""numpy's seed range, which accelerate's set_seed passes the seed to."""
-
-
-class ConfigError(ValueError):
-    """A preset that cannot be used; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take, checked once where the preset is read."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    hint: str = ""
-
-    def holds(self, value: float) -> bool:
-        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return low_ok and high_ok
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '≥'} {self.low:g}"
-        return (f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-                if self.low is not None else f"{'<' if self.high_open else '≤'} {self.high:g}")
-
-
-def ranged(default, low=None, high=None, *, low_open=False, high_open=False, hint=""):
-    """A dataclass field whose value must lie in the given range."""
-    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, hint)})
-
-
-@dataclass
-class ModelConfig:
-    pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """Hub id, local diffusers folder or single-file checkpoint (.safetensors, .ckpt) in the original layout.
-    The old runwayml/stable-diffusion-v1-5 id is mapped to this one."""
-    v_parameterization: bool = False
-    """Kohya's switch for v-prediction models; the same as prediction_type = "v_prediction"."""
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
-    """auto: from the scheduler's config, or for a single file from its tensors (an SD2.x file without its
-    training step reads as 768-v: set "epsilon" for SD2.x-base files)."""
-
-
-@dataclass
-class DatasetConfig:
-    train_data_dir: str = ""
-    """A Kohya training root of <repeats>_<tokens> folders, or a folder with metadata.jsonl."""
-    reg_data_dir: str = ""
-    prior_loss_weight: float = ranged(1.0, 0)
-    caption_extension: str = ".txt"
-    resolution: int = ranged(512, 64, 8192)
-    min_bucket_reso: int = ranged(256, 64, 8192)
-    max_bucket_reso: int = ranged(1024, 64, 8192)
-    bucket_reso_steps: int = ranged(64, 8, 1024, hint="a multiple of 8: the VAE halves each side three times")
-    shuffle_caption: bool = False
-    keep_tokens: int = ranged(0, 0)
-    caption_dropout_rate: float = ranged(0.0, 0, 1, high_open=True)
-    flip_aug: bool = False
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
-    cache_text_encoder_outputs: bool = True
-    validation_split: float = ranged(0.0, 0, 1, high_open=True, hint="e.g. 0.1 holds out 10 %")
-    """Fraction of the pictures held out of training to measure a validation loss each epoch (0 = none)."""
-
-
-@dataclass
-class NetworkConfig:
-    network_module: Literal["lora", "locon", "loha", "lokr", "dylora"] = "lora"
-    """lora (with conv_dim: LoCon), locon (conv_dim defaults to network_dim), loha and lokr (LyCORIS' Hadamard
-    and Kronecker products: more capacity per parameter), dylora (a LoRA whose first unit, 2·unit, … ranks
-    each work alone: pick the rank after training with `lora resize`)."""
-    network_dim: int = ranged(64, 1, 4096)
-    network_alpha: float = ranged(32.0, 0, low_open=True)
-    conv_dim: int = ranged(0, 0, 4096, hint="0 is off")
-    """Rank of LoCon adapters on the UNet's ResNet convolutions; 0 trains attention only."""
-    conv_alpha: float = ranged(1.0, 0, low_open=True)
-    network_dropout: float = ranged(0.0, 0, 1, high_open=True)
-    rank_dropout: float = ranged(0.0, 0, 1, high_open=True, hint="LoHa/LoKr only")
-    module_dropout: float = ranged(0.0, 0, 1, high_open=True, hint="LoHa/LoKr only")
-    factor: int = ranged(-1, -1, 4096, hint="LoKr only; -1 splits each side as evenly as it divides")
-    unit: int = ranged(1, 1, 4096, hint="DyLoRA only")
-    """DyLoRA: the step between the ranks it trains to work alone; network_dim (and conv_dim) are multiples."""
-    use_tucker: bool = False
-    """LoHa/LoKr: 3×3 convolutions in Tucker form (hada_t1/t2, lokr_t2), fewer parameters."""
-    network_target: Literal["kohya", "attention"] = "kohya"
-    """kohya: every Linear and 1×1 convolution in the UNet's transformer blocks, as Kohya's networks/lora.py and
-    every civitai recipe assume; attention: the attention projections alone (the LoRA paper's choice)."""
-
-
-@dataclass
-class OptimizerConfig:
-    optimizer_type: Literal["AdamW8bit", "AdamW", "Lion", "Prodigy", "Adafactor"] = "AdamW8bit"
-    learning_rate: float = ranged(1e-4, 0, low_open=True)
-    unet_lr: float = ranged(0.0, 0, hint="0 means learning_rate")
-    """0 means learning_rate."""
-    text_encoder_lr: float = ranged(0.0, 0, hint="0 leaves the text encoder frozen")
-    """0 leaves the text encoder frozen (its outputs can then be cached)."""
-    weight_decay: float = ranged(0.01, 0)
-    max_grad_norm: float = ranged(1.0, 0, hint="0 turns clipping off")
-
-
-@dataclass
-class ScheduleConfig:
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
-                          "polynomial"] = "cosine"
-    lr_warmup_steps: float = ranged(0.1, 0, hint="below 1 a fraction of all steps, else a step count")
-    """Below 1: a fraction of all steps; 1 or more: a number of steps."""
-    lr_scheduler_num_cycles: int = ranged(1, 1, 1000)
-
-
-@dataclass
-class TrainingConfig:
-    max_train_epochs: int = ranged(10, 0, 100_000)
-    max_train_steps: int = ranged(0, 0, 100_000_000)
-    """0 means max_train_epochs decides."""
-    train_batch_size: int = ranged(1, 1, 4096)
-    gradient_accumulation_steps: int = ranged(1, 1, 4096)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    clip_skip: int = ranged(1, 1, 48, hint="Kohya's convention: 1 = last layer, 2 = penultimate")
-    """Kohya's convention: 1 = last layer, 2 = penultimate layer (anime models)."""
-    seed: int = ranged(42, 0, MAX_SEED)
-    noise_offset: float = ranged(0.0, 0, 1, hint="0.05-0.1 is usual")
-    min_snr_gamma: float = ranged(0.0, 0, hint="0 is off; 5 is the paper's value")
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class OutputConfig:
-    output_dir: str = "output"
-    output_name: str = "lora"
-    save_precision: Literal["fp16", "bf16", "float"] = "fp16"
-    save_every_n_epochs: int = ranged(0, 0)
-    save_state: bool = True
-    """Write a resumable state (weights, optimizer, schedule, RNG, data position) with every epoch save."""
-    save_state_every_n_steps: int = ranged(0, 0)
-    """Also write a state every N optimizer steps (0 = only with epoch saves and on SIGTERM/SIGINT)."""
-    save_last_n_states: int = ranged(2, 1)
-    """States kept on disk; older ones are removed once a newer one is complete."""
-    log_tensorboard: bool = True
-    """TensorBoard event files beside loss.csv when the tensorboard package is installed."""
-    trigger_phrase: str = ""
-    """Written to modelspec.trigger_phrase so UIs can show it; defaults to the first folder's tokens."""
-
-
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
-            "dpmsingle", "ddpm", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
-
-
-@dataclass
-class SampleConfig:
-    sample_prompts: str = ""
-    """A prompts file in Kohya's format (one prompt a line, --n --w --h --d --l --s options, # comments)."""
-    sample_every_n_epochs: int = ranged(0, 0)
-    sample_every_n_steps: int = ranged(0, 0)
-    sample_at_first: bool = False
-    """Sample once before training, to see the base model's output beside the trained ones."""
-    sample_sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
-
-
-@dataclass
-class Config:
-    config_version: int = CONFIG_VERSION
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
+from lorasmith.train.schema import (  # noqa: F401  (the schema is read through this module)
+    CONFIG_VERSION, MAX_SEED, ConfigError, Range, ranged, ModelConfig, DatasetConfig, NetworkConfig, OptimizerConfig, ScheduleConfig, TrainingConfig, OutputConfig, SAMPLERS, SampleConfig, Config,
+)
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -317,7 +140,7 @@ def _check_ranges(config: Config) -> None:
 
 def _name_problem(name: str) -> str | None:
     """Why `output.output_name` cannot name the run's files, or None."""
-    from lorasmith.prep.layout import safe_stem
+    from lorasmith.common.layout import safe_stem
 
     if not name.strip():
         return "is empty: it names the LoRA file, e.g. output_name = \"claymation-style\""
@@ -329,7 +152,7 @@ def _name_problem(name: str) -> str | None:
 
 def validate(config: Config) -> None:
     """Ranges of every number, then the checks across keys that ranges cannot express."""
-    from lorasmith.prep.sidecar import caption_extension
+    from lorasmith.common.sidecar import caption_extension
     from lorasmith.train.plan import bucket_resolutions
 
     _check_ranges(config)
@@ -414,7 +237,7 @@ def _check_paths(config: Config, path: Path) -> None:
     if prompts and not Path(prompts).is_file():
         raise ConfigError(f"{path}: sample.sample_prompts = {prompts} is not a file")
     if prompts:
-        from lorasmith.prep.sidecar import SidecarError, decode_text
+        from lorasmith.common.sidecar import SidecarError, decode_text
 
         try:
             decode_text(Path(prompts).read_bytes())

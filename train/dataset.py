@@ -14,12 +14,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from lorasmith.prep.crop import render
-from lorasmith.prep.files import sha256_file
-from lorasmith.prep.layout import iter_images, repeat_folders, stray_pictures
-from lorasmith.prep.loading import PictureError, open_picture, picture_size
-from lorasmith.prep.sidecar import SidecarError, decode_text, read_caption
-from lorasmith.prep.sizing import crop_box
+from lorasmith.common.crop import render
+from lorasmith.common.files import sha256_file
+from lorasmith.common.layout import iter_images, repeat_folders, stray_pictures
+from lorasmith.common.loading import PictureError, open_picture, picture_size
+from lorasmith.common.sidecar import SidecarError, decode_text, read_caption
+from lorasmith.common.sizing import crop_box
 from lorasmith.train.plan import assign_bucket
 
 

@@ -18,7 +18,7 @@ class RankSampler:
     same ranks) and restores full rank for everything else: validation, samples, export."""
 
     def __init__(self, models, unit: int):
-        from lorasmith.train.network import lora_layers
+        from lorasmith.models.adapters import lora_layers
 
         self.unit = unit
         self.layers = [layer for model in models for layer in lora_layers(model).values()]

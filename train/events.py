@@ -64,7 +64,7 @@ class RunEvents:
     the UNet first), family, previews, optimizer, lr_scheduler, generator, rng, result, log, save()."""
 
     def setup_events(self) -> None:
-        from lorasmith.train.prompts import read_prompts
+        from lorasmith.common.prompts import read_prompts
 
         self.paths = RunPaths.of(self.config)
         self.history = {"loss": [], "validation": [], "samples": [], "saves": []}
@@ -182,7 +182,7 @@ class RunEvents:
 
     def clear_leftovers(self) -> None:
         """Temporary files and folders that killed processes left among this run's outputs."""
-        from lorasmith.prep.files import clear_stale_parts
+        from lorasmith.common.files import clear_stale_parts
 
         cache = Path(self.config.dataset.train_data_dir) / ".latent_cache"
         for folder in (Path(self.config.output.output_dir), self.paths.samples, self.paths.logs, cache):
@@ -309,9 +309,9 @@ class RunEvents:
 
     def sample(self, epoch: int) -> list[Path]:
         """One picture per prompt with the LoRA as it is now, and their grid."""
-        from lorasmith.prep.files import atomic_writer, make_output_folder
+        from lorasmith.common.files import atomic_writer, make_output_folder
         from lorasmith.train.previews import evaluating
-        from lorasmith.train.sampling import make_grid
+        from lorasmith.models.sampling import make_grid
 
         self.last_sampled = self.step
         if not self.prompts or not self.accelerator.is_main_process:
@@ -355,7 +355,7 @@ class RunEvents:
             self.runlog.close()
 
     def write_report(self, status: str, final: bool = False) -> Path | None:
-        from lorasmith.prep.files import write_text_atomic
+        from lorasmith.common.files import write_text_atomic
         from lorasmith.train.config import to_toml
         from lorasmith.train.report import ReportData, image_uri, render
 

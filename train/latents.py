@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer, make_output_folder
+from lorasmith.common.files import atomic_writer, make_output_folder
 
 
 def vae_identity(vae) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer, make_output_folder
+from lorasmith.common.files import atomic_writer, make_output_folder
 
 LOSS_HEADER = ["step", "epoch", "loss", "lr"]
 VALIDATION_HEADER = ["step", "epoch", "validation_loss"]

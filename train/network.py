@@ -7,6 +7,8 @@ compute scaling = alpha / r in one place; we only choose the type and the target
 
 from __future__ import annotations
 
+from lorasmith.models.adapters import lora_layers  # noqa: F401  (train's tests and benches reach it here)
+
 UNET_TARGETS = {
     "kohya": r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
              r"|ff\.net\.(0\.proj|2)))",
@@ -117,16 +119,6 @@ def lora_parameters(model) -> list:
 def freeze_base(model) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
-
-
-def lora_layers(model) -> dict[str, object]:
-    """Module path → peft adapter layer (LoRA, LoHa or LoKr), for export and tests."""
-    from peft.tuners.loha import LoHaLayer
-    from peft.tuners.lokr import LoKrLayer
-    from peft.tuners.lora import LoraLayer
-
-    kinds = (LoraLayer, LoHaLayer, LoKrLayer)
-    return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
 def describe_network(unet, texts, params, network) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorasmith.train.config import ConfigError
+from lorasmith.train.schema import ConfigError
 
 
 def build_optimizer(kind: str, groups: list[dict], weight_decay: float):

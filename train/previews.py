@@ -55,7 +55,7 @@ class Previews:
 
         from PIL import Image
 
-        from lorasmith.train.sampling import NonFinitePicture, make_scheduler
+        from lorasmith.models.sampling import NonFinitePicture, make_scheduler
 
         images = []
         devices = [self.device.index or 0] if self.device.type == "cuda" else []

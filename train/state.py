@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lorasmith.prep.files import alive, make_output_folder, storage_message
+from lorasmith.common.files import alive, make_output_folder, storage_message
 from lorasmith.train.plan import steps_done
 
 MANIFEST = "manifest.json"

@@ -6,27 +6,25 @@ What happens between steps (states, samples, validation, logs, the report) lives
 from __future__ import annotations
 
 import gc
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith.prep.files import write_text_atomic
-from lorasmith.train.config import Config, to_toml
-from lorasmith.train.conditioning import Conditioner
-from lorasmith.train.dataset import Dataset, epoch_batches, load_dataset, load_pixels, process_caption
-from lorasmith.train.events import NonFiniteLoss, RunEvents, RunPaths
+from lorasmith.models.base import inspect_base
+from lorasmith.models.families import FAMILIES, family_named
+from lorasmith.train.config import Config
+from lorasmith.train.conditioning import Conditioner, check_clip_skip
+from lorasmith.train.dataset import Dataset, epoch_batches, load_pixels, process_caption
+from lorasmith.train.events import NonFiniteLoss, RunEvents
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
-from lorasmith.train.family import FAMILIES, family_named
-from lorasmith.train.models import check_clip_skip, inspect_base
 from lorasmith.train.objective import Objective, noise_schedule
-from lorasmith.train.plan import Plan, bucket_resolutions, closes_window, make_plan
+from lorasmith.train.plan import Plan, closes_window
+from lorasmith.train.preparation import plan_run, world, write_resolved_config  # noqa: F401  (cli, tests)
 from lorasmith.train.previews import Previews
 from lorasmith.train.signals import StopSignals
 from lorasmith.train.state import Loaded
-from lorasmith.train.validation import split_validation
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float": "float32"}
 LOSS_WINDOW = 25
@@ -49,36 +47,6 @@ class Result:
     states: list[Path] = field(default_factory=list)
     events: dict[str, list[float]] = field(default_factory=dict)
     """Seconds spent on each state save, sampling event, validation and report refresh."""
-
-
-def world() -> tuple[int, int]:
-    """(rank, processes) as `accelerate launch` sets them, known before any model loads."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def own_outputs(config: Config) -> tuple[Path, ...]:
-    """The folders this run writes, which must never be read back as data (an output_name like `5_x` makes
-    `5_x.samples/` look like a repeat folder)."""
-    paths = RunPaths.of(config)
-    out = Path(config.output.output_dir)
-    inside = [out] if out.resolve() != Path(config.dataset.train_data_dir).resolve() else []
-    return (paths.states, paths.samples, paths.logs, *inside)
-
-
-def plan_run(config: Config) -> tuple[Dataset, Plan]:
-    d, t = config.dataset, config.training
-    buckets = bucket_resolutions(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
-    dataset = load_dataset(Path(d.train_data_dir), Path(d.reg_data_dir) if d.reg_data_dir else None,
-                           d.caption_extension, buckets, own_outputs(config))
-    dataset.items, dataset.validation, warning = split_validation(dataset.items, d.validation_split, t.seed)
-    if warning:
-        dataset.warnings.append(warning)
-    plan = make_plan(dataset.bucket_counts(), dataset.bucket_counts(reg=True), len(dataset.items),
-                     len(dataset.reg_items), t.train_batch_size, t.gradient_accumulation_steps, world()[1],
-                     t.max_train_epochs, t.max_train_steps, config.schedule.lr_warmup_steps,
-                     config.output.save_every_n_epochs)
-    plan.held_out = len(dataset.validation)
-    return dataset, plan
 
 
 class Trainer(RunEvents):
@@ -129,7 +97,7 @@ class Trainer(RunEvents):
         family's fp32 VAE stays fp32)."""
         import torch
 
-        from lorasmith.train.models import load_components
+        from lorasmith.models.base import load_components
 
         parts = load_components(self.config.model.pretrained_model, names, families=FAMILIES)
         for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
@@ -353,8 +321,8 @@ class Trainer(RunEvents):
     def save(self, epoch: int, step: int, final: bool) -> Path | None:
         import torch
 
-        from lorasmith.train.export import kohya_state_dict, save_lora
-        from lorasmith.train.metadata import kohya_metadata
+        from lorasmith.lorafile.export import kohya_state_dict, save_lora
+        from lorasmith.lorafile.metadata import kohya_metadata
         from lorasmith.train.state import storage_error
 
         self.accelerator.wait_for_everyone()
@@ -375,14 +343,6 @@ class Trainer(RunEvents):
         self.result.outputs.append(path)
         self.history["saves"].append([epoch, step, name])
         return path
-
-
-def write_resolved_config(config: Config, plan: Plan) -> Path:
-    """The preset as it was actually used (defaults and --set included), beside the outputs."""
-    path = Path(config.output.output_dir) / f"{config.output.output_name}.config.toml"
-    header = "# resolved train-lora preset; the plan it gave:\n" + "".join(f"# {line}\n" for line in plan.lines())
-    write_text_atomic(path, header + to_toml(config))
-    return path
 
 
 def run(config: Config, progress: bool = True, log=print, planned: tuple[Dataset, Plan] | None = None,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorasmith.train.export import text_key
-from lorasmith.use.lorafile import FAMILY_BY_CONTEXT, Lora, LoraError, family_hint
+from lorasmith.lorafile.export import text_key
+from lorasmith.lorafile.read import FAMILY_BY_CONTEXT, Lora, LoraError, family_hint
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def layer_table(unet, text_encoder=None, aliases: bool = True) -> dict[str, Laye
 def _original_aliases(unet, table: dict[str, Layer]) -> dict[str, Layer]:
     """The UNet's layers under their original (LDM/SGM) names too, `lora_unet_input_blocks_1_1_proj_in`, which
     some trainers write and every UI maps."""
-    from lorasmith.train.ldm_names import original_key, unet_modules
+    from lorasmith.models.ldm_names import original_key, unet_modules
 
     modules, aliases = unet_modules(unet), {}
     for layer in table.values():

@@ -23,9 +23,9 @@ import math
 import sys
 from pathlib import Path
 
-from lorasmith.prep.cli import HelpFormatter, at_least, guarded, printable_output
-from lorasmith.train.prompts import MAX_SIDE
-from lorasmith.train.sampling import ALIASES, SAMPLERS
+from lorasmith.common.console import HelpFormatter, at_least, guarded, printable_output
+from lorasmith.common.prompts import MAX_SIDE
+from lorasmith.models.sampling import ALIASES, SAMPLERS
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 GENERATE_HELP = """Draw with LoRAs at weights: text-to-image, image-to-image (--init-image), strength sweeps.
@@ -172,13 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     printable_output()
-    from lorasmith.train.models import quiet_libraries
+    from lorasmith.models.base import quiet_libraries
 
     quiet_libraries()  # before diffusers is imported, which sets off bitsandbytes' notices
-    from lorasmith.captioning.hub import ModelNotFound
+    from lorasmith.common.hub import ModelNotFound
     from lorasmith.use import commands
     from lorasmith.use.jobs import JobError
-    from lorasmith.use.lorafile import LoraError
+    from lorasmith.lorafile.read import LoraError
 
     run = {"generate": commands.generate, "merge": commands.merge, "resize": commands.resize,
            "info": commands.info}[args.command]

@@ -25,7 +25,7 @@ def _warn(lines) -> None:
 
 
 def _prompts(args) -> list:
-    from lorasmith.train.prompts import Prompt, read_prompts
+    from lorasmith.common.prompts import Prompt, read_prompts
 
     defaults = Prompt("", args.negative, args.w, args.h, None, args.cfg, args.steps, None)
     if args.prompts:
@@ -33,7 +33,7 @@ def _prompts(args) -> list:
             raise JobError("give --prompt or --prompts FILE, not both")
         if not args.prompts.is_file():
             raise JobError(f"--prompts {args.prompts}: no such file")
-        from lorasmith.prep.sidecar import SidecarError
+        from lorasmith.common.sidecar import SidecarError
 
         try:
             prompts, warnings = read_prompts(args.prompts, defaults)
@@ -49,7 +49,7 @@ def _prompts(args) -> list:
 
 
 def _inits(path: Path | None) -> list[Path] | None:
-    from lorasmith.prep.layout import iter_images
+    from lorasmith.common.layout import iter_images
 
     if path is None:
         return None
@@ -65,8 +65,8 @@ def _inits(path: Path | None) -> list[Path] | None:
 
 def _with_tags(jobs, tagger_name: str | None, problems: list[str]) -> None:
     """Each init picture's WD14 tags after the prompt, parentheses escaped so emphasis does not eat them."""
-    from lorasmith.captioning.wd14 import DEFAULT_WD14, Wd14Settings, Wd14Tagger
-    from lorasmith.prep.loading import PictureError, open_picture
+    from lorasmith.models.wd14 import DEFAULT_WD14, Wd14Settings, Wd14Tagger
+    from lorasmith.common.loading import PictureError, open_picture
 
     tagger = Wd14Tagger(Wd14Settings(model=tagger_name or DEFAULT_WD14))
     tags: dict[Path, str] = {}
@@ -241,14 +241,14 @@ def resize(args) -> int:
 
 
 def info(args) -> int:
-    from lorasmith.train.export import addnet_hashes
+    from lorasmith.lorafile.export import addnet_hashes
     from lorasmith.use.apply import layer_table
     from lorasmith.use.info import describe, reference
-    from lorasmith.use.lorafile import LoraError, read_lora
+    from lorasmith.lorafile.read import LoraError, read_lora
 
     model_table = None
     if args.model:
-        from lorasmith.train.models import load_components, resolve_name
+        from lorasmith.models.base import load_components, resolve_name
 
         parts = load_components(resolve_name(args.model)[0], ("text_encoder", "unet"))
         model_table = layer_table(parts.unet, parts.text_encoder)

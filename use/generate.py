@@ -43,8 +43,8 @@ def adapter_names(files: list[Path]) -> dict[Path, str]:
 
 def read_loras(files) -> dict[Path, object]:
     """Each file once, read and checked for format before any model loads."""
-    from lorasmith.train.export import addnet_hashes
-    from lorasmith.use.lorafile import check_lora, read_lora
+    from lorasmith.lorafile.export import addnet_hashes
+    from lorasmith.lorafile.read import check_lora, read_lora
 
     loras = {}
     for path in dict.fromkeys(files):
@@ -72,7 +72,7 @@ def _loras_text(job: Job, loras: dict) -> str:
 
 
 def _init_picture(job: Job):
-    from lorasmith.prep.loading import open_picture  # one decoder for every stage: EXIF turns, 16-bit, CMYK
+    from lorasmith.common.loading import open_picture  # one decoder for every stage: EXIF turns, 16-bit, CMYK
 
     image = open_picture(job.init).image
     width, height = fit_size(image.size, job.prompt.width, job.prompt.height)
@@ -87,8 +87,8 @@ def run_jobs(jobs: list[Job], settings: Settings, renderer_factory, loras: dict,
     from PIL import Image
     from tqdm import tqdm
 
-    from lorasmith.prep.loading import PictureError
-    from lorasmith.train.sampling import NonFinitePicture
+    from lorasmith.common.loading import PictureError
+    from lorasmith.models.sampling import NonFinitePicture
 
     result, drawn, renderer = Result(), [], None
     names = adapter_names(list(loras))
@@ -123,7 +123,7 @@ def run_jobs(jobs: list[Job], settings: Settings, renderer_factory, loras: dict,
 
 def contact_sheet(drawn: list, settings: Settings, title: str) -> Path:
     """One row per prompt (or init picture), one column per seed."""
-    from lorasmith.prep.files import atomic_writer
+    from lorasmith.common.files import atomic_writer
     from lorasmith.use.grid import table_grid
 
     rows: dict[str, list] = {}
@@ -147,8 +147,8 @@ def sweep(jobs: list[Job], files: list[Path], weights: list[float], settings: Se
 
     from tqdm import tqdm
 
-    from lorasmith.prep.loading import PictureError
-    from lorasmith.train.sampling import NonFinitePicture
+    from lorasmith.common.loading import PictureError
+    from lorasmith.models.sampling import NonFinitePicture
 
     names = adapter_names(files)
     renderer = None

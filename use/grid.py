@@ -6,7 +6,7 @@ import math
 
 from PIL import Image, ImageDraw
 
-from lorasmith.train.sampling import fit_text, label_font
+from lorasmith.models.sampling import fit_text, label_font
 
 PAD, LINE = 6, 16
 MAX_LABEL = 220

@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from lorasmith.use.lorafile import Lora
+from lorasmith.lorafile.read import Lora
 
 _BLOCK = re.compile(r"^lora_unet_((?:down|up)_blocks_\d+|mid_block|[a-z_]+?)(?:_|$)|^(lora_te\d?)_")
 
@@ -40,7 +40,7 @@ def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
     import torch
 
     from lorasmith.use.apply import bind
-    from lorasmith.use.lorafile import LoraError
+    from lorasmith.lorafile.read import LoraError
 
     problems = []
     bad = [k for k, m in lora.modules.items() if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
@@ -80,7 +80,7 @@ def reference(lora: Lora, cache: dict) -> tuple[object, str, str]:
     """(layer table, its name, a note for the user) to check a file's names against when no base model is
     given: the public architecture its metadata names. A file whose shapes belong to no public base (a custom
     or test model) gets no table and a note saying its names were not checked, not a verdict."""
-    from lorasmith.use.lorafile import FAMILY_BY_CONTEXT, family_hint
+    from lorasmith.lorafile.read import FAMILY_BY_CONTEXT, family_hint
 
     family, width = family_hint(lora), context_width(lora)
     if width and FAMILY_BY_CONTEXT.get(width) != family:
@@ -102,7 +102,7 @@ def reference_table(family: str):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorasmith.train.tiny import SIZES
+    from lorasmith.models.tiny import SIZES
     from lorasmith.use.apply import layer_table
 
     spec = SIZES["sd15"]
@@ -130,7 +130,7 @@ LEGACY_OFFSET = 0x100000
 def describe(path: Path, lora: Lora, table=None, computed_hash: str = "",
              base: str = "this base model", names: str = "") -> tuple[list[str], list[str]]:
     """(lines, problems) for one file; `names` says what its module names were checked against."""
-    from lorasmith.use.lorafile import family_hint
+    from lorasmith.lorafile.read import family_hint
     from lorasmith.use.lowrank import dylora_unit
 
     meta = lora.metadata

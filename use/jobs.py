@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith.train.prompts import Prompt
+from lorasmith.common.prompts import Prompt
 
 LORA_TAG = re.compile(r"<(lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
 SWEEP_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)

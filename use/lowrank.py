@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorasmith.use.lorafile import Lora, Module
+from lorasmith.lorafile.read import Lora, Module
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def dylora_unit(lora: Lora) -> int:
     """A DyLoRA file's unit (Kohya's `networks.dylora` with its `unit` argument), 0 for any other file."""
     import json
 
-    from lorasmith.train.metadata import DYLORA_MODULE
+    from lorasmith.lorafile.metadata import DYLORA_MODULE
 
     if lora.metadata.get("ss_network_module") != DYLORA_MODULE:
         return 0
@@ -101,7 +101,7 @@ def concatenate(loras: list[tuple[Lora, float]], name: str) -> Lora:
     for key, parts in sorted(modules.items()):
         shapes = {m.weight_shape for m, _ in parts}
         if len(shapes) > 1:
-            from lorasmith.use.lorafile import LoraError
+            from lorasmith.lorafile.read import LoraError
 
             raise LoraError(f"{key} has different shapes in the files ({', '.join(map(str, shapes))}): "
                             "they were made for different base models")

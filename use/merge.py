@@ -11,10 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lorasmith.train.export import save_lora
-from lorasmith.train.family import family_named
-from lorasmith.train.metadata import is_v2, model_name
-from lorasmith.use.lorafile import Lora, kohya_tensors
+from lorasmith.lorafile.export import save_lora
+from lorasmith.models.families import family_named
+from lorasmith.lorafile.metadata import model_name
+from lorasmith.models.family import is_v2
+from lorasmith.lorafile.read import Lora, kohya_tensors
 from lorasmith.use.lowrank import Kept
 from lorasmith.use.outputs import MARKER, swap_in
 
@@ -64,8 +65,8 @@ def kept_lines(report: list[Kept], limit: int = 12) -> list[str]:
 def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt: str, dtype=None) -> tuple[Path, int]:
     """The base model with every LoRA added at its weight, as one original-layout `.safetensors` file
     (A1111, ComfyUI) or a diffusers folder; (path, layers changed). All files are checked before any write."""
-    from lorasmith.train.models import load_components, quiet_libraries, resolve_name
-    from lorasmith.train.tiny import save_pipeline
+    from lorasmith.models.base import load_components, quiet_libraries, resolve_name
+    from lorasmith.models.tiny import save_pipeline
     from lorasmith.use.apply import merge_into
 
     quiet_libraries()
@@ -89,7 +90,7 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return out, changed
-    from lorasmith.use.checkpoint import original_state_dict, save_checkpoint
+    from lorasmith.models.checkpoint import original_state_dict, save_checkpoint
 
     state = original_state_dict(parts.unet, parts.vae, parts.text_encoder)
     return save_checkpoint(out, state, metadata, dtype), changed

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorasmith.prep.files import StorageError, storage_message
+from lorasmith.common.files import StorageError, storage_message
 from lorasmith.use.jobs import JobError
 
 MARKER = "lorasmith_merge.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer
+from lorasmith.common.files import atomic_writer
 
 A1111_SAMPLERS = {
     "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasmith.train.prompts import Prompt
-from lorasmith.use.lorafile import Lora
+from lorasmith.common.prompts import Prompt
+from lorasmith.lorafile.read import Lora
 
 
 def quiet() -> None:
@@ -20,7 +20,7 @@ def quiet() -> None:
 
     from diffusers.utils import logging as diffusers_logging
 
-    from lorasmith.train.models import quiet_libraries
+    from lorasmith.models.base import quiet_libraries
 
     quiet_libraries()
     diffusers_logging.set_verbosity_error()
@@ -49,7 +49,7 @@ class Renderer:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from lorasmith.train.models import load_components, resolve_name
+        from lorasmith.models.base import load_components, resolve_name
         from lorasmith.use.apply import load_adapters
 
         quiet()
@@ -67,7 +67,7 @@ class Renderer:
         self._schedulers: dict[str, object] = {}
 
     def scheduler(self, name: str):
-        from lorasmith.train.sampling import make_scheduler
+        from lorasmith.models.sampling import make_scheduler
 
         if name not in self._schedulers:
             self._schedulers[name] = make_scheduler(name, self.base_config)
@@ -89,7 +89,7 @@ class Renderer:
         1 ignores it (the text-to-image picture of the same seed)."""
         import torch
 
-        from lorasmith.train.sampling import generate
+        from lorasmith.models.sampling import generate
         from lorasmith.use.apply import activate
 
         if self.has_adapters:
@@ -108,7 +108,7 @@ class Renderer:
         import torch
         from diffusers import StableDiffusionImg2ImgPipeline
 
-        from lorasmith.train.sampling import finite_picture
+        from lorasmith.models.sampling import finite_picture
 
         parts = self.pipe.components
         pipe = StableDiffusionImg2ImgPipeline(**{**parts, "scheduler": scheduler, "text_encoder": None})
@@ -136,7 +136,7 @@ class Renderer:
 def model_hash(model: str) -> str:
     """A1111's `Model hash` (sha256, 10 digits) of a checkpoint file, or of a diffusers folder's UNet weights;
     empty for a hub id, which A1111 would not know either."""
-    from lorasmith.prep.files import sha256_file
+    from lorasmith.common.files import sha256_file
 
     path = Path(model)
     if path.is_file():

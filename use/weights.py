@@ -194,7 +194,7 @@ def _padded(tokenizer, chunked, at_least: int):
 def _encode(text_encoder, ids, weights, clip_skip: int):
     import torch
 
-    from lorasmith.train.text import encode_prompts
+    from lorasmith.models.text import encode_prompts
 
     device = next(text_encoder.parameters()).device
     z = encode_prompts(text_encoder, torch.tensor(ids, dtype=torch.long, device=device), clip_skip)

@@ -1,5 +1,5 @@
 """LoRA files in the formats users bring, read into one form: Kohya module names, down/up/alpha per module.
-LyCORIS' LoHa and LoKr modules become their exact down/up factors (use/lycoris.py).
+LyCORIS' LoHa and LoKr modules become their exact down/up factors (lorafile/lycoris.py).
 
 lorasmith and Kohya's sd-scripts write `lora_unet_…`/`lora_te_…` with `.lora_down`/`.lora_up`/`.alpha`;
 diffusers and peft write `unet.<module path>.lora_A/.lora_B` with alpha in `lora_adapter_metadata` (or
@@ -10,13 +10,14 @@ the Kohya names, so a file's format matters only here.
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith.train.export import text_key
-from lorasmith.use.lycoris import LOHA, LOKR, lycoris_missing, lycoris_module
+from lorasmith.lorafile.export import text_key
+# The in-memory form comes with its reader: whoever reads a file checks, binds or writes what it read.
+from lorasmith.lorafile.lora import (FAMILY_BY_CONTEXT, Lora, LoraError, Module, _shape, check_lora,  # noqa: F401
+                                     family_hint, kohya_tensors)
+from lorasmith.lorafile.lycoris import LOHA, LOKR, lycoris_missing, lycoris_module
 
 LYCORIS_MARKS = {"hada_t1": "LoHa with Tucker convolutions (hada_t1)", "lokr_t2": "LoKr with Tucker convolutions "
                  "(lokr_t2)", "lora_mid": "LoCon with Tucker (lora_mid)", "dora_scale": "DoRA", "oft_blocks": "OFT",
@@ -29,85 +30,11 @@ _PEFT_ALPHA = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.alpha$")
 _TE_PREFIX = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 
 
-FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-"""The width of the text the UNet's cross-attention reads (attn2.to_k's input), per family."""
-
-
-class LoraError(ValueError):
-    """A LoRA file that cannot be read or does not fit; the message is one sentence naming the file."""
-
-
-def _shape(tensor) -> str:
-    return "×".join(map(str, tensor.shape))
-
-
 def _scalar(tensor, name: str, key: str) -> float:
     """An `.alpha` tensor as its one number; a LoraError when it holds more (or none)."""
     if tensor.numel() != 1:
         raise LoraError(f"{name}: {key} holds {tensor.numel()} values ({_shape(tensor)}); an alpha is one number")
     return float(tensor.item())
-
-
-@dataclass
-class Module:
-    down: object
-    """[rank, in] for a linear layer, [rank, in, kh, kw] for a convolution."""
-    up: object
-    """[out, rank] or [out, rank, 1, 1]."""
-    alpha: float
-    alpha_given: bool = True
-    """False when the file had no `.alpha` and alpha = rank was assumed, as Kohya's loaders do."""
-    kind: str = "LoRA"
-    """The file's adapter type: LoRA, or LoHa/LoKr read as their exact LoRA factors."""
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (int(self.up.shape[0]), *self.down.shape[1:])
-
-    def problem(self) -> str:
-        """What makes this module unusable ('' when nothing): factors whose shapes do not chain, a convolution
-        kernel on `up`, non-finite values. Every subcommand checks it before using the module."""
-        import torch
-
-        down, up = self.down, self.up
-        if down.dim() not in (2, 4) or up.dim() != down.dim():
-            return f"down is {_shape(down)} and up is {_shape(up)}: a LoRA module is two 2-D or two 4-D factors"
-        if up.shape[1] != down.shape[0]:
-            return f"down has rank {down.shape[0]} but up has rank {up.shape[1]} ({_shape(down)}, {_shape(up)})"
-        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-            return f"up is {_shape(up)}: its kernel must be 1×1"
-        if not math.isfinite(self.alpha):
-            return f"alpha is {self.alpha}"
-        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-            return "holds NaN or infinite values"
-        return ""
-
-    def delta(self):
-        """ΔW = up · down · alpha / rank in float32, shaped like the layer's weight: the one source for merging,
-        resizing and the health checks."""
-        down, up = self.down.float().flatten(1), self.up.float().flatten(1)
-        return (up @ down * self.scale).reshape(self.weight_shape)
-
-
-@dataclass
-class Lora:
-    name: str
-    """The file's base name, for messages and generation parameters; never a path."""
-    modules: dict[str, Module]
-    metadata: dict[str, str] = field(default_factory=dict)
-    format: str = "kohya"
-
-    @property
-    def stem(self) -> str:
-        return Path(self.name).stem
 
 
 def _te_kohya(prefix: str, path: str) -> str:
@@ -237,36 +164,3 @@ def read_lora(path: Path) -> Lora:
     return parse_lora(tensors, metadata, path.name)
 
 
-def check_lora(lora: Lora) -> Lora:
-    """`lora` when every module is usable; else a LoraError naming the first broken module and how many are, so
-    nothing is drawn, merged or resized from a file that cannot mean what it says."""
-    broken = [(key, problem) for key, module in sorted(lora.modules.items()) if (problem := module.problem())]
-    if broken:
-        key, problem = broken[0]
-        more = f" ({len(broken)} modules are broken)" if len(broken) > 1 else ""
-        raise LoraError(f"{lora.name}: {key}: {problem}{more}; the file is damaged: export it again")
-    return lora
-
-
-def kohya_tensors(lora: Lora, dtype=None) -> dict:
-    """The modules as Kohya's down/up/alpha triples, the layout every UI loads."""
-    import torch
-
-    out = {}
-    for key, module in sorted(lora.modules.items()):
-        out[f"{key}.lora_down.weight"] = module.down.to(dtype or module.down.dtype).contiguous()
-        out[f"{key}.lora_up.weight"] = module.up.to(dtype or module.up.dtype).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(module.alpha), dtype=dtype or torch.float32)
-    return out
-
-
-def family_hint(lora: Lora) -> str:
-    """The base model family a file was made for, from its metadata or else its shapes: for messages and `info`."""
-    version = lora.metadata.get("ss_base_model_version", "") + lora.metadata.get("modelspec.architecture", "")
-    for mark, family in (("sdxl", "SDXL"), ("xl-v1", "SDXL"), ("v2", "SD2.x"), ("sd_v1", "SD1.x"), ("v1", "SD1.x")):
-        if mark in version:
-            return family
-    if any(k.startswith("lora_te2_") for k in lora.modules):
-        return "SDXL"
-    widths = {int(m.down.shape[1]) for k, m in lora.modules.items() if k.endswith("attn2_to_k")}
-    return FAMILY_BY_CONTEXT.get(next(iter(widths), 0), "unknown")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorasmith.captioning.hub import load_model
+from lorasmith.common.hub import load_model
 
 RENAMED = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 """runwayml's repository was taken down; the maintained copy has the same weights."""
@@ -33,7 +33,7 @@ def quiet_libraries() -> None:
     and bitsandbytes' notice about optional 4-bit CPU kernels that LoRA training never uses."""
     import logging
 
-    from lorasmith.captioning.blip import quiet_transformers
+    from lorasmith.models.blip import quiet_transformers
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     quiet_transformers()
@@ -57,7 +57,7 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     if Path(name).expanduser().is_file():
         return _from_file(Path(name).expanduser(), name, parts, families)
     if "sdxl" not in families and (Path(name).expanduser() / "text_encoder_2").is_dir():
-        from lorasmith.train.single_file import CheckpointError
+        from lorasmith.models.single_file import CheckpointError
 
         raise CheckpointError(f"{name} is an SDXL model (it has text_encoder_2); lora runs SD1.x and SD2.x models "
                               "so far: pass one of those")
@@ -75,7 +75,7 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
 
 
 def _from_file(path: Path, name: str, parts: tuple[str, ...], families: tuple[str, ...]) -> Components:
-    from lorasmith.train import from_file
+    from lorasmith.models import from_file
 
     tensors, shapes, family = from_file.open_checkpoint(path)
     refuse_unsupported(family, path.name, families)
@@ -93,7 +93,7 @@ def _from_file(path: Path, name: str, parts: tuple[str, ...], families: tuple[st
 
 
 def refuse_unsupported(family, file_name: str, families: tuple[str, ...] = ("sd1", "sd2")) -> None:
-    from lorasmith.train.single_file import CheckpointError
+    from lorasmith.models.single_file import CheckpointError
 
     if family.name not in families:
         raise CheckpointError(f"{file_name} is an {family.label} checkpoint; lora runs SD1.x and SD2.x "
@@ -105,12 +105,12 @@ def describe_base(name: str, families: tuple[str, ...] = ("sd1", "sd2")) -> str 
     weights load); None for a hub id. Raises CheckpointError for a file that is no base model."""
     path = Path(name).expanduser()
     if path.is_dir():
-        from lorasmith.train.family import family_named
+        from lorasmith.models.families import family_named
 
         return f"base model: {path.name}, a diffusers {family_named(inspect_base(name)[0]).label} folder"
     if not path.is_file():
         return None
-    from lorasmith.train.from_file import open_checkpoint
+    from lorasmith.models.from_file import open_checkpoint
 
     family = open_checkpoint(path)[2]
     refuse_unsupported(family, path.name, families)
@@ -122,12 +122,12 @@ def inspect_base(name: str) -> tuple[str, Any]:
     loads: sdxl when there is a second text encoder, sd2 for an OpenCLIP-H encoder, else sd1."""
     from transformers import CLIPTextConfig
 
-    from lorasmith.train.metadata import is_v2
+    from lorasmith.models.family import is_v2
 
     path = Path(name).expanduser()
     if path.is_file():
-        from lorasmith.train.from_file import open_checkpoint
-        from lorasmith.train.single_file import text_configs
+        from lorasmith.models.from_file import open_checkpoint
+        from lorasmith.models.single_file import text_configs
 
         _, shapes, family = open_checkpoint(path)
         return family.name, CLIPTextConfig(**text_configs(shapes, family)[0])
@@ -140,15 +140,3 @@ def inspect_base(name: str) -> tuple[str, Any]:
     config = load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
                         "base model (text_encoder)")
     return ("sdxl" if xl else "sd2" if is_v2(config) else "sd1"), config
-
-
-def check_clip_skip(family: str, config, skip: int) -> None:
-    """clip_skip against the family and the text encoder's depth, before anything is cached."""
-    from lorasmith.train.config import ConfigError
-
-    if family == "sdxl" and skip > 1:
-        raise ConfigError(f"training.clip_skip = {skip} does not apply to SDXL, which already takes the penultimate "
-                          "layer of both text encoders: set 1")
-    if skip > config.num_hidden_layers:
-        raise ConfigError(f"training.clip_skip = {skip} is more than the {config.num_hidden_layers} layers of this "
-                          "model's text encoder: use 1 (realistic models) or 2 (anime models)")

@@ -91,7 +91,7 @@ def parse_prompts(text: str, source: str = "prompts", defaults: Prompt | None = 
 def read_prompts(path: Path, defaults: Prompt | None = None) -> tuple[list[Prompt], list[str]]:
     """A prompts file read by the sidecar rule (UTF-8, a mark dropped, UTF-16 recognised): text in another
     encoding is a SidecarError naming the file, never prompts full of replacement characters."""
-    from lorasmith.prep.sidecar import SidecarError, decode_text
+    from lorasmith.common.sidecar import SidecarError, decode_text
 
     try:
         text = decode_text(path.read_bytes())

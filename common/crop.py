@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageFilter
 
-from lorasmith.prep.sizing import Box, best_window, crop_box
+from lorasmith.common.sizing import Box, best_window, crop_box
 
 CROP_MODES = ("center", "top", "detail")
 CROP_HELP = (

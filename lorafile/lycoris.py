@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from lorasmith.lorafile.lora import Module
+
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 _THREE_BY_THREE = re.compile(r"(resnets_\d+_conv[12]|(down|up)samplers_0_conv|in_layers_2|out_layers_3|"
@@ -74,8 +76,6 @@ def lycoris_missing(parts: dict) -> str:
 def lycoris_module(key: str, parts: dict):
     """The LoHa or LoKr module `parts` (its tensors by suffix) as a Module of exact down/up factors; for a 3×3
     convolution the factors come back in the layer's 4-D layout."""
-    from lorasmith.use.lorafile import Module
-
     kind = "LoHa" if "hada_w1_a" in parts else "LoKr"
     up, down, scale = loha_factors(parts) if kind == "LoHa" else lokr_factors(parts)
     rank = down.shape[0]

@@ -33,7 +33,7 @@ def build_blip(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     except ImportError:
         from transformers.models.blip import BlipImageProcessor
 
-    from lorasmith.captioning.blip import quiet_transformers
+    from lorasmith.models.blip import quiet_transformers
 
     quiet_transformers()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
@@ -76,7 +76,7 @@ def model_cli(argv, prog: str, doc: str, sizes, marker: str, build, what: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    return model_cli(argv, "python -m lorasmith.captioning.tiny", __doc__, SIZES, "config.json", build_blip, "BLIP")
+    return model_cli(argv, "python -m lorasmith.models.tiny_blip", __doc__, SIZES, "config.json", build_blip, "BLIP")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from lorasmith.prep.files import write_text_atomic
-from lorasmith.prep.layout import IMAGE_EXTENSIONS, special_kind
+from lorasmith.common.files import write_text_atomic
+from lorasmith.common.layout import IMAGE_EXTENSIONS, special_kind
 
 _BOMS = (  # longest first: the UTF-32 LE mark begins with the UTF-16 LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),

@@ -3,7 +3,7 @@ module paths in the LoRA keys."""
 
 from __future__ import annotations
 
-from lorasmith.train.family import ModelFamily
+from lorasmith.models.family import ModelFamily
 
 
 class SD1(ModelFamily):
@@ -11,14 +11,14 @@ class SD1(ModelFamily):
     """What the SD1.5 LoRA guides call healthy (0.08 ideal)."""
 
     def encode(self, tokenizers, encoders, captions, clip_skip):
-        from lorasmith.train.text import encode_prompts, tokenize
+        from lorasmith.models.text import encode_prompts, tokenize
 
         encoder = encoders[0]
         ids = tokenize(tokenizers[0], captions).to(next(encoder.parameters()).device)
         return {"context": encode_prompts(encoder, ids, clip_skip)}
 
     def unet_names(self, unet):
-        from lorasmith.train.network import lora_layers
+        from lorasmith.models.adapters import lora_layers
 
         return {path: "lora_unet_" + path.replace(".", "_") for path in lora_layers(unet)}
 
@@ -26,7 +26,7 @@ class SD1(ModelFamily):
         return "sd_v1", "stable-diffusion-v1/lora"
 
     def render(self, unet, vae, scheduler, positive, negative, prompt, seed, device):
-        from lorasmith.train.sampling import generate
+        from lorasmith.models.sampling import generate
 
         return generate(unet, vae, None, scheduler, positive["context"], negative["context"], prompt, seed, device)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from lorasmith.train.single_file import CheckpointError, Family, detect_family, read_checkpoint, text_configs
+from lorasmith.models.single_file import CheckpointError, Family, detect_family, read_checkpoint, text_configs
 
 CLIP_VOCAB = 49408
 
@@ -110,7 +110,7 @@ def load_text_encoder_2(tensors: Mapping, shapes: Mapping, family: Family, name:
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from lorasmith.train.single_file import XL_OPEN_CLIP
+    from lorasmith.models.single_file import XL_OPEN_CLIP
 
     model = _build(CLIPTextModelWithProjection, config=CLIPTextConfig(**text_configs(shapes, family)[1]))
     weights = convert_open_clip_checkpoint(model, tensors, prefix=XL_OPEN_CLIP)
@@ -123,7 +123,7 @@ def load_vae(tensors: Mapping, shapes: Mapping, name: str):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from lorasmith.train.single_file import vae_config
+    from lorasmith.models.single_file import vae_config
 
     model = _build(AutoencoderKL, **vae_config(shapes))
     return _fill(model, convert_ldm_vae_checkpoint(tensors, model.config), "VAE", name)
@@ -133,7 +133,7 @@ def load_unet(tensors: Mapping, shapes: Mapping, name: str):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from lorasmith.train.single_file import unet_config
+    from lorasmith.models.single_file import unet_config
 
     model = _build(UNet2DConditionModel, **unet_config(shapes))
     return _fill(model, convert_ldm_unet_checkpoint(tensors, model.config), "UNet", name)
@@ -141,13 +141,20 @@ def load_unet(tensors: Mapping, shapes: Mapping, name: str):
 
 def tokenizer_for(family: Family, second: bool = False):
     """CLIP's tokenizer padded as the family's encoder was trained: OpenCLIP (SD2.x, SDXL's second) with `!`."""
-    from lorasmith.train.tokenizer import OPENCLIP_PAD, clip_tokenizer
+    from lorasmith.models.tokenizer import OPENCLIP_PAD, clip_tokenizer
 
     return clip_tokenizer(OPENCLIP_PAD if family.name == "sd2" or second else "<|endoftext|>")
 
 
 def scheduler_for(family: Family):
-    from lorasmith.train.tiny import sd_scheduler
-
+    """SD's training noise schedule with the family's prediction type."""
     scheduler = sd_scheduler()
     return scheduler.from_config(scheduler.config, prediction_type=family.prediction_type)
+
+
+def sd_scheduler():
+    """SD1.x's training noise schedule (scaled-linear betas, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, prediction_type="epsilon", steps_offset=1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorasmith.models.from_file import sd_scheduler
+
 SIZES = {
     "tiny": dict(
         unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -102,7 +104,7 @@ def build_sdxl(folder: Path, size: str = "tiny-xl", seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lorasmith.train.tokenizer import OPENCLIP_PAD, clip_tokenizer
+    from lorasmith.models.tokenizer import OPENCLIP_PAD, clip_tokenizer
 
     spec = SIZES[size]
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(OPENCLIP_PAD)
@@ -114,14 +116,6 @@ def build_sdxl(folder: Path, size: str = "tiny-xl", seed: int = 0) -> Path:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **spec["vae"])
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     return save_pipeline(folder, tokenizer, encoder, vae, unet, sd_scheduler(), tokenizer_2, encoder_2)
-
-
-def sd_scheduler():
-    """SD1.x's training noise schedule (scaled-linear betas, epsilon prediction)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         clip_sample=False, prediction_type="epsilon", steps_offset=1)
 
 
 def save_pipeline(folder: Path, tokenizer, encoder, vae, unet, scheduler, tokenizer_2=None, encoder_2=None) -> Path:
@@ -152,11 +146,11 @@ def save_pipeline(folder: Path, tokenizer, encoder, vae, unet, scheduler, tokeni
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorasmith.captioning.tiny import model_cli
-    from lorasmith.train.models import quiet_libraries
+    from lorasmith.models.tiny_blip import model_cli
+    from lorasmith.models.base import quiet_libraries
 
     quiet_libraries()
-    return model_cli(argv, "python -m lorasmith.train.tiny", __doc__, SIZES, "model_index.json", build_sd,
+    return model_cli(argv, "python -m lorasmith.models.tiny", __doc__, SIZES, "model_index.json", build_sd,
                      "Stable Diffusion")
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from lorasmith.captioning.hub import load_model
-from lorasmith.captioning.text import clean_sentence
+from lorasmith.common.hub import load_model
+from lorasmith.common.captions import clean_sentence
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
 

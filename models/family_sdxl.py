@@ -8,7 +8,7 @@ in fp32: SDXL's VAE overflows in fp16 (NaN pictures and latents).
 
 from __future__ import annotations
 
-from lorasmith.train.family import ModelFamily
+from lorasmith.models.family import ModelFamily
 
 
 class SDXL(ModelFamily):
@@ -21,7 +21,7 @@ class SDXL(ModelFamily):
     def encode(self, tokenizers, encoders, captions, clip_skip):
         import torch
 
-        from lorasmith.train.text import tokenize
+        from lorasmith.models.text import tokenize
 
         states, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, encoders):
@@ -45,8 +45,8 @@ class SDXL(ModelFamily):
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     def unet_names(self, unet):
-        from lorasmith.train.ldm_names import original_key, unet_modules
-        from lorasmith.train.network import lora_layers
+        from lorasmith.models.ldm_names import original_key, unet_modules
+        from lorasmith.models.adapters import lora_layers
 
         table = unet_modules(unet)
         return {path: "lora_unet_" + original_key(path + ".weight", table, "UNet").removesuffix(".weight")
@@ -56,6 +56,6 @@ class SDXL(ModelFamily):
         return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
 
     def render(self, unet, vae, scheduler, positive, negative, prompt, seed, device):
-        from lorasmith.train.sampling import generate_xl
+        from lorasmith.models.sampling import generate_xl
 
         return generate_xl(unet, vae, scheduler, positive, negative, prompt, seed, device)

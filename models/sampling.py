@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from lorasmith.train.prompts import Prompt
+from lorasmith.common.prompts import Prompt
 
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),

@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from lorasmith.captioning.text import tokens
+from lorasmith.common.captions import tokens
 
 NETWORK_MODULE = "networks.lora"
 DYLORA_MODULE = "networks.dylora"
@@ -40,11 +40,6 @@ def bucket_info(plan, dataset) -> dict:
     buckets = {str(n): {"resolution": list(size), "count": count}
                for n, (size, count) in enumerate(sorted(plan.buckets.items()))}
     return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
-
-
-def is_v2(text_config) -> bool:
-    """SD2.x by its text encoder: OpenCLIP-H (1024 wide, gelu) where SD1.x has CLIP-L (768, quick_gelu)."""
-    return text_config.hidden_size == 1024 or text_config.hidden_act != "quick_gelu"
 
 
 def network_module(module: str) -> str:
@@ -82,7 +77,7 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
                    session: str | None = None, family=None) -> dict[str, str]:
     """Every value names files by base name only, so the file can be shared as it is. `family` is the base's
     ModelFamily (SD1.x when None)."""
-    from lorasmith.train.family import family_named
+    from lorasmith.models.families import family_named
 
     family = family or family_named("sd1")
     version, spec = family.architecture(prediction_type)

@@ -7,8 +7,6 @@ drawn. The trainer, sampling, validation and export call these and never ask whi
 
 from __future__ import annotations
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-
 
 class ModelFamily:
     name = "sd1"
@@ -58,8 +56,6 @@ class ModelFamily:
         raise NotImplementedError
 
 
-def family_named(name: str) -> ModelFamily:
-    from lorasmith.train.family_sd import SD1, SD2
-    from lorasmith.train.family_sdxl import SDXL
-
-    return {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}[name]()
+def is_v2(text_config) -> bool:
+    """SD2.x by its text encoder: OpenCLIP-H (1024 wide, gelu) where SD1.x has CLIP-L (768, quick_gelu)."""
+    return text_config.hidden_size == 1024 or text_config.hidden_act != "quick_gelu"

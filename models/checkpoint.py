@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer
-from lorasmith.train.ldm_names import attentions, original_key, unet_modules
+from lorasmith.common.files import atomic_writer
+from lorasmith.models.ldm_names import attentions, original_key, unet_modules
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

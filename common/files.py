@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from lorasmith.prep.layout import OUTPUT_MARKER
+from lorasmith.common.layout import OUTPUT_MARKER
 
 PART = ".part"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from lorasmith.captioning.hub import ModelNotFound, load_model
-from lorasmith.captioning.text import clean_tag
+from lorasmith.common.hub import ModelNotFound, load_model
+from lorasmith.common.captions import clean_tag
 
 DEFAULT_WD14 = "SmilingWolf/wd-v1-4-convnext-tagger-v2"
 RATING, GENERAL, CHARACTER = 9, 0, 4

@@ -14,8 +14,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from lorasmith.prep.files import atomic_writer
-from lorasmith.train.network import lora_layers
+from lorasmith.common.files import atomic_writer
+from lorasmith.models.adapters import lora_layers
 
 _TEXT_PATH = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
 
@@ -36,7 +36,7 @@ def kohya_state_dict(unet, text_encoders=None, dtype=None, family=None) -> dict:
     names the modules."""
     import torch
 
-    from lorasmith.train.family_sd import SD1
+    from lorasmith.models.family_sd import SD1
 
     family = family or SD1()
     if text_encoders is not None and not isinstance(text_encoders, (list, tuple)):
