@@ -36,9 +36,9 @@ def kohya_state_dict(unet, text_encoders=None, dtype=None, family=None) -> dict:
     names the modules."""
     import torch
 
-    from lorasmith.models.family_sd import SD1
+    from lorasmith.models.families import family_named
 
-    family = family or SD1()
+    family = family or family_named("sd1")
     if text_encoders is not None and not isinstance(text_encoders, (list, tuple)):
         text_encoders = [text_encoders]
     models = [(unet, family.unet_names(unet).__getitem__)]
