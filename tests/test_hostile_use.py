@@ -295,13 +295,13 @@ def test_a_read_only_out_folder_is_one_sentence(loras, tmp_path):
     assert not list(locked.iterdir())
 
 
-def test_a_full_disk_is_one_sentence_for_merge_and_generate(tiny_sd, loras, tmp_path):
+def test_a_full_disk_is_one_sentence_for_merge_and_generate(tiny_sd, loras, tmp_path, capsys):
     with tiny_disk(tmp_path / "disk", 256, leave_kib=8) as disk:
-        done = run("lora", "merge", "--model", tiny_sd, "--lora", loras / "a.safetensors", "--out",
-                   disk / "model.safetensors", timeout=300)
-        check(done, 1, "full")
-        done = run("lora", *draw_args(tiny_sd, disk / "pictures", "--prompt", "a fox", "--n", "3"), timeout=300)
-        check(done, 1, "full")
+        code, err = lora_main(capsys, "merge", "--model", tiny_sd, "--lora", loras / "a.safetensors", "--out",
+                              disk / "model.safetensors")
+        check_result(code, 1, err, "model.safetensors", "full")
+        code, err = lora_main(capsys, *draw_args(tiny_sd, disk / "pictures", "--prompt", "a fox", "--n", "3"))
+        check_result(code, 1, err, "full")
         assert not [p for p in disk.rglob("*") if p.name.endswith((".part", ".safetensors"))]
 
 
