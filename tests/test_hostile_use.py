@@ -3,9 +3,6 @@ read-only and full disks: one sentence, a meaningful exit code, nothing lost and
 
 from __future__ import annotations
 
-import json
-import os
-import re
 
 import numpy as np
 import pytest
