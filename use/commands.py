@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from dataclasses import replace
@@ -92,9 +91,9 @@ def _check_prompts(jobs) -> None:
     for job in jobs:
         for what, text in (("prompt", job.prompt.prompt), ("negative prompt", job.prompt.negative)):
             try:
-                parse_attention(text)
+                parse_attention(text, what)
             except PromptError as exc:
-                raise JobError(f"{str(exc).replace(' in the prompt', f' in the {what}')} ({text[:60]!r})") from None
+                raise JobError(f"{exc} ({text[:60]!r})") from None
 
 
 def _check_sizes(jobs, device: str, dtype) -> None:
@@ -209,8 +208,6 @@ def resize(args) -> int:
     from lorasmith.use.outputs import check_file_output, writing
 
     out = args.out or args.file.with_name(f"{args.file.stem}-r{args.rank}{'d' if args.dynamic else ''}.safetensors")
-    if out.exists() and os.path.samefile(out, args.file):
-        raise JobError(f"--out {out} is the input file; originals are never overwritten: choose another name")
     check_file_output(out, [args.file], args.overwrite)
     lora = read_loras([args.file])[args.file]
     top = max(m.rank for m in lora.modules.values())

@@ -43,8 +43,8 @@ def check_file_output(out: Path, inputs, overwrite: bool) -> None:
     """Refuse `--out` when it is an input (by identity), a folder, or an existing file without `overwrite`."""
     for source in _existing(inputs):
         if _same(out, source) or (source.is_dir() and out.exists() and _inside(out, source)):
-            raise JobError(f"--out {out} is {'inside ' if source.is_dir() else ''}the input {source}: an output "
-                           "never replaces an input; choose another name")
+            raise JobError(f"--out {out} is {'inside ' if source.is_dir() else ''}the input {source}: originals are "
+                           "never overwritten, and an output never replaces an input; choose another name")
     if out.is_dir():
         raise JobError(f"--out {out} is a folder: give a file name, e.g. {out / 'merged.safetensors'}")
     if (out.exists() or out.is_symlink()) and not overwrite:

@@ -120,9 +120,10 @@ def _parse(text: str, what: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w, _ in merged] or [("", 1.0)]
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
-    """(text, multiplier) runs as A1111 reads them, with ("BREAK", -1.0) between chunks; raises `PromptError`."""
-    return _parse(text, "prompt")
+def parse_attention(text: str, what: str = "prompt") -> list[tuple[str, float]]:
+    """(text, multiplier) runs as A1111 reads them, with ("BREAK", -1.0) between chunks; raises `PromptError`
+    naming `what` was read (the prompt, the negative prompt)."""
+    return _parse(text, what)
 
 
 def strip_weights(text: str) -> str:
@@ -218,8 +219,8 @@ def encode_pair(tokenizer, text_encoder, positive: str, negative: str, clip_skip
 
     Both are parsed before anything is encoded, so a typo in either costs no encoder time.
     """
-    pos = chunk_tokens(tokenizer, _parse(positive, "prompt"))
-    neg = chunk_tokens(tokenizer, _parse(negative, "negative prompt"))
+    pos = chunk_tokens(tokenizer, parse_attention(positive))
+    neg = chunk_tokens(tokenizer, parse_attention(negative, "negative prompt"))
     k = max(len(pos[0]), len(neg[0]))
     pos, neg = _padded(tokenizer, pos, k), _padded(tokenizer, neg, k)
     return _encode(text_encoder, *pos, clip_skip), _encode(text_encoder, *neg, clip_skip)
