@@ -65,6 +65,24 @@ def network_arguments(n) -> dict[str, str]:
         args["unit"] = str(n.unit)
     if n.network_target != "kohya":
         args["network_target"] = n.network_target
+    args.update(block_arguments(n))
+    return args
+
+
+BLOCK_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+              "conv_block_alphas")
+
+
+def block_arguments(n) -> dict[str, str]:
+    """The block-wise keys that are set, as Kohya's `--network_args` spell them: comma-separated numbers
+    (`block_dims=2,4,…`) or a curve name (`down_lr_weight=sine+.5`), and block_lr_zero_threshold when set."""
+    args = {}
+    for key in BLOCK_ARGS:
+        value = getattr(n, key, None)
+        if value:
+            args[key] = value if isinstance(value, str) else ",".join(format(v, "g") for v in value)
+    if getattr(n, "block_lr_zero_threshold", 0):
+        args["block_lr_zero_threshold"] = format(n.block_lr_zero_threshold, "g")
     return args
 
 
@@ -74,9 +92,9 @@ def _dirs(items, folders: dict[str, int]) -> dict:
 
 
 def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float, prediction_type: str,
-                   session: str | None = None, family=None) -> dict[str, str]:
+                   session: str | None = None, family=None, zero_terminal_snr: bool = False) -> dict[str, str]:
     """Every value names files by base name only, so the file can be shared as it is. `family` is the base's
-    ModelFamily (SD1.x when None)."""
+    ModelFamily (SD1.x when None); `zero_terminal_snr` is the schedule the run resolved, not the preset's "auto"."""
     from lorasmith.models.families import family_named
 
     family = family or family_named("sd1")
@@ -140,7 +158,8 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "ss_color_aug": "False",
         "ss_random_crop": "False",
         "ss_full_fp16": "False",
-        "ss_zero_terminal_snr": "False",
+        "ss_zero_terminal_snr": str(bool(zero_terminal_snr)),
+        "ss_max_token_length": d.max_token_length,
         "ss_loss_type": "l2",
         "ss_dataset_dirs": json.dumps(_dirs(dataset.items, dataset.folders)),
         "ss_reg_dataset_dirs": json.dumps(_dirs(dataset.reg_items, reg_folders)),

@@ -28,6 +28,30 @@ class Components:
     """SDXL's second text encoder (OpenCLIP-bigG with projection) and its tokenizer."""
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What a base model says of its own noise schedule; None where it says nothing (an SD2.x file's prediction
+    type follows a rule, not a declaration)."""
+
+    prediction_type: str | None
+    zero_terminal_snr: bool | None
+    source: str
+    """Where it says so, for messages: "its v_pred key", "its scheduler config"."""
+
+
+def declared_schedule(components: Components) -> Declared:
+    """A single file declares by marker keys (`v_pred`, `ztsnr`: ComfyUI's and NoobAI's convention); a diffusers
+    folder or hub id by its scheduler config."""
+    family = components.family
+    if family is not None:
+        keys = [k for k, on in (("v_pred", family.marked), ("ztsnr", family.zero_terminal_snr)) if on]
+        return Declared(family.prediction_type if family.marked else None, family.zero_terminal_snr or None,
+                        f"its {' and '.join(keys)} key{'s' if len(keys) > 1 else ''}" if keys else "")
+    config = components.scheduler.config
+    return Declared(config.get("prediction_type"), bool(config.get("rescale_betas_zero_snr", False)),
+                    "its scheduler config")
+
+
 def quiet_libraries() -> None:
     """Library chatter that would bury the plan, the progress bar and the summary: transformers' loading bars,
     and bitsandbytes' notice about optional 4-bit CPU kernels that LoRA training never uses."""

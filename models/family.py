@@ -24,14 +24,23 @@ class ModelFamily:
     public_text: tuple[int, int] = (768, 12)
     """(width, layers) of the first text encoder in the family's public bases."""
 
+    # What `lora generate` asks of a family.
+    size_conditioned = False
+    """The UNet takes size and crop conditioning (`--original-size`, `--crop-top-left`)."""
+    zero_empty_negative = False
+    """An empty negative prompt becomes zeros (SDXL, as A1111 and diffusers do) rather than being encoded."""
+    clip_skip_note: str | None = None
+    """Why `--clip-skip` does not apply to the family; None where it does."""
+
     def healthy_band(self, text_config) -> tuple[float, float] | None:
         """`loss_band` for a public base; None for a custom one (the toy, tiny test models), whose losses the
         published band says nothing about."""
         shape = (text_config.hidden_size, text_config.num_hidden_layers)
         return self.loss_band if shape == self.public_text else None
 
-    def encode(self, tokenizers, encoders, captions: list[str], clip_skip: int) -> dict:
-        """Batched conditioning tensors by name: at least `context` (the cross-attention input)."""
+    def encode(self, tokenizers, encoders, captions: list[str], clip_skip: int, max_tokens: int = 75) -> dict:
+        """Batched conditioning tensors by name: at least `context` (the cross-attention input). `max_tokens`
+        above 75 reads longer captions in chunks (Kohya's max_token_length)."""
         raise NotImplementedError
 
     def layers_used(self, index: int, layers: int, clip_skip: int) -> int:
@@ -51,8 +60,24 @@ class ModelFamily:
         """(ss_base_model_version, modelspec.architecture) as Kohya's sd-scripts write them."""
         raise NotImplementedError
 
-    def render(self, unet, vae, scheduler, positive: dict, negative: dict, prompt, seed: int, device):
-        """One picture for a sample prompt from already computed conditioning."""
+    def render(self, unet, vae, scheduler, positive: dict, negative: dict, prompt, seed: int, device,
+               geometry=None):
+        """One picture for a prompt from already computed conditioning; `geometry` is the size conditioning of
+        families that take it."""
+        raise NotImplementedError
+
+    def prompt_states(self, index: int, encoder, ids, clip_skip: int):
+        """(hidden states [chunks, 77, width], pooled or None) of text encoder `index` for `lora generate`'s
+        77-token chunks."""
+        raise NotImplementedError
+
+    def pipeline(self, parts):
+        """A diffusers pipeline holding a base model's loaded parts (`base.Components`)."""
+        raise NotImplementedError
+
+    def render_img2img(self, parts, scheduler, positive, negative, prompt, seed, device, init, strength,
+                       geometry=None):
+        """One picture redrawn from `init` at 0 < `strength` < 1."""
         raise NotImplementedError
 
 

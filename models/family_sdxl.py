@@ -17,18 +17,27 @@ class SDXL(ModelFamily):
     tokenizer_parts = ("tokenizer", "tokenizer_2")
     text_prefixes = ("lora_te1", "lora_te2")
     vae_fp32 = True
+    size_conditioned = True
+    zero_empty_negative = True
+    """An empty negative prompt is zeros, context and pooled alike: A1111's force_zero_negative_prompt, diffusers'
+    force_zeros_for_empty_prompt (what SDXL base was tuned with)."""
+    clip_skip_note = "SDXL already takes the penultimate layer of both text encoders"
 
-    def encode(self, tokenizers, encoders, captions, clip_skip):
+    def encode(self, tokenizers, encoders, captions, clip_skip, max_tokens=75):
         import torch
 
-        from lorasmith.models.text import tokenize
+        from lorasmith.models.text import join_chunks, tokenize
 
         states, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, encoders):
-            ids = tokenize(tokenizer, captions).to(next(encoder.parameters()).device)
-            out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])  # penultimate, without the final norm: what SDXL was trained on
-            pooled = getattr(out, "text_embeds", None)
+            ids = tokenize(tokenizer, captions, max_tokens).to(next(encoder.parameters()).device)
+            chunks = ids.shape[1] if ids.dim() == 3 else 1
+            out = encoder(ids.reshape(-1, ids.shape[-1]), output_hidden_states=True)
+            # penultimate, without the final norm: what SDXL was trained on
+            states.append(join_chunks(out.hidden_states[-2], chunks))
+            embeds = getattr(out, "text_embeds", None)
+            # the first chunk's pooled embedding, as sd-scripts, A1111 and ComfyUI take it
+            pooled = None if embeds is None else embeds[::chunks]
         return {"context": torch.cat(states, dim=-1), "pooled": pooled}
 
     def layers_used(self, index, layers, clip_skip):
@@ -55,7 +64,31 @@ class SDXL(ModelFamily):
     def architecture(self, prediction_type):
         return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
 
-    def render(self, unet, vae, scheduler, positive, negative, prompt, seed, device):
+    def render(self, unet, vae, scheduler, positive, negative, prompt, seed, device, geometry=None):
         from lorasmith.models.sampling import generate_xl
 
-        return generate_xl(unet, vae, scheduler, positive, negative, prompt, seed, device)
+        return generate_xl(unet, vae, scheduler, positive, negative, prompt, seed, device, geometry)
+
+    def prompt_states(self, index, encoder, ids, clip_skip):
+        """(hidden states [chunks, 77, width], pooled [chunks, projection] or None) of 77-token chunks of ids:
+        the penultimate layer without the final norm, as `encode` trains on; bigG (index 1) also gives its
+        projected end-of-text embedding, CLIP-L none."""
+        out = encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], getattr(out, "text_embeds", None)
+
+    def pipeline(self, parts):
+        """A StableDiffusionXLPipeline holding the loaded parts (both encoders, so LoRA adapters reach
+        `lora_te2` too); no watermarker, which would change the pixels."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                         text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+                                         tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=parts.scheduler,
+                                         add_watermarker=False)
+
+    def render_img2img(self, parts, scheduler, positive, negative, prompt, seed, device, init, strength,
+                       geometry=None):
+        from lorasmith.models.sampling import generate_xl_img2img
+
+        return generate_xl_img2img(parts["unet"], parts["vae"], scheduler, positive, negative, prompt, seed, device,
+                                   init, strength, geometry)

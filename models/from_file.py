@@ -147,9 +147,11 @@ def tokenizer_for(family: Family, second: bool = False):
 
 
 def scheduler_for(family: Family):
-    """SD's training noise schedule with the family's prediction type."""
+    """SD's training noise schedule with the family's prediction type, rescaled to zero terminal SNR where the
+    file says so."""
     scheduler = sd_scheduler()
-    return scheduler.from_config(scheduler.config, prediction_type=family.prediction_type)
+    return scheduler.from_config(scheduler.config, prediction_type=family.prediction_type,
+                                 rescale_betas_zero_snr=family.zero_terminal_snr)
 
 
 def sd_scheduler():

@@ -49,6 +49,10 @@ class Family:
     """epsilon or v_prediction: what the UNet was trained to predict, so what the loss must target."""
     label: str
     """For the plan: "SD1.x", "SD2.x (v-prediction)", "SDXL base"."""
+    marked: bool = False
+    """The file declares its prediction type (ComfyUI's `v_pred` key) rather than leaving it to a rule."""
+    zero_terminal_snr: bool = False
+    """The file declares a zero-terminal-SNR schedule (the `ztsnr` key, as NoobAI-XL v-pred carries)."""
 
 
 def _single_file_utils():
@@ -160,7 +164,11 @@ def detect_family(state: dict, name: str) -> Family:
         raise CheckpointError(f"{name} has no VAE (no first_stage_model.* keys): pass a checkpoint with its VAE "
                               "baked in, or a diffusers folder")
     prediction = _prediction(state, kind)
-    return Family(kind, prediction, LABELS[kind, prediction])
+    zero_snr = "ztsnr" in state
+    label = LABELS[kind, prediction]
+    if zero_snr:
+        label = label.removesuffix(")") + ", zero terminal SNR)" if label.endswith(")") else f"{label} (zero terminal SNR)"
+    return Family(kind, prediction, label, "v_pred" in state, zero_snr)
 
 
 def _sub(state: dict, prefix: str) -> dict:

@@ -185,9 +185,12 @@ def test_a_tiny_sdxl_file_loads_back_with_both_text_encoders(tmp_path, tiny_xl):
 def test_an_sd2_base_file_read_as_768_v_trains_as_epsilon_when_the_preset_says_so(base, tmp_path):
     """An SD2.x file without its training step reads as v-prediction; model.prediction_type = "epsilon" (an
     SD2.x-base file) sets the loss, the samplers and the metadata."""
-    from lorasmith.train.config import ModelConfig
+    from lorasmith.train.config import ModelConfig, TrainingConfig
     from lorasmith.models.tiny import sd_scheduler
-    from lorasmith.train.objective import noise_schedule
+    from lorasmith.train.objective import noise_schedule as schedule
+
+    def noise_schedule(scheduler, model):
+        return schedule(scheduler, model, TrainingConfig())[0]
 
     family, _, file = base
     if family != "sd2":

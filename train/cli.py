@@ -36,6 +36,11 @@ uninterrupted run would have written. A state written by another preset or datas
 list of differences unless --force; one whose manifest was edited by hand, or whose tensors do not fit
 the network (network_dim changed, say), is refused always.
 
+Before renting a GPU: --preflight estimates the preset's peak memory on the card (by part, from one step of
+its base's architecture run without weights on this machine), s/step, hours and, with --price-per-hour, cost,
+for common cards; --gpu NAME shows one card in detail and exits 1 when the preset does not fit it, listing the
+cheapest changes that would make it fit. --measure (on a CUDA machine) adds 10 real steps' peak and speed.
+
 Signals before training (loading, caching latents) stop at once with 75 and nothing to resume; during the
 final save the save finishes first. One run at a time per output name: a second one is refused (exit 2).
 
@@ -67,7 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume even though the preset or dataset changed since the state was written")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop; no model is loaded")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--preflight", action="store_true",
+                   help="before renting a GPU: the preset's peak memory, s/step, hours (and cost) on common cards, "
+                        "estimated from the base's configs on this machine (no GPU, no weights, nothing trained)")
+    p.add_argument("--gpu", metavar="NAME", help="with --preflight: one card in detail (4090, A100-80GB, H100, ...); "
+                                                 "exit 1 when the preset does not fit it")
+    p.add_argument("--price-per-hour", type=float, metavar="X", help="with --preflight: the card's hourly price")
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"),
+                   help="with --preflight: estimate with this family's public architecture (a hub base not on "
+                        "this machine)")
+    p.add_argument("--measure", action="store_true",
+                   help="with --preflight, on a CUDA machine: also run 10 real steps and print the measured peak "
+                        "memory and s/step beside the estimate")
     return p
+
+
+def _preflight_usage(args) -> str | None:
+    """The preflight options' own rules: they apply only to --preflight, and a price is a positive number."""
+    if not args.preflight and (args.gpu or args.price_per_hour is not None or args.family):
+        return "--gpu, --price-per-hour and --family apply to --preflight only"
+    if args.price_per_hour is not None and not (0 < args.price_per_hour < float("inf")):
+        return f"--price-per-hour {args.price_per_hour:g}: give the card's hourly price, a positive number"
+    return None
 
 
 def newest_state(config):
@@ -145,7 +171,7 @@ def _train(args, rank: int, log, held: dict):
             log(f"warning: {warning}")
         print("\n".join(([base] if base else []) + plan.lines()), flush=True)
     if args.dry_run:
-        print("dry run: no model loaded, nothing written")
+        print("dry run: no model loaded, nothing written (--preflight estimates memory, time and cost per GPU)")
         return None
     held["lock"] = take_lock(config) if rank == 0 else None
     held["state"] = state = load_resume(config, args.resume, log)
@@ -161,6 +187,11 @@ def _train(args, rank: int, log, held: dict):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.preflight = args.preflight or args.measure
+    problem = _preflight_usage(args)
+    if problem:
+        print(f"train-lora: error: {problem}", file=sys.stderr)
+        return 2
     import logging
 
     from lorasmith.common.console import printable_output
@@ -180,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    if args.preflight:
+        return _preflight(args)
     rank = world()[0]
     held: dict = {"config": None, "state": None, "lock": None}
     try:
@@ -212,6 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None and rank == 0:
         print(summary_line(result))
     return 0
+
+
+def _preflight(args) -> int:
+    """--preflight: an estimate, never a run; every failure to estimate is one sentence and exit 2."""
+    from lorasmith.common.hub import ModelNotFound
+    from lorasmith.models.single_file import CheckpointError
+    from lorasmith.train.config import ConfigError
+    from lorasmith.train.gpus import CardError
+    from lorasmith.train.architectures import PreflightError
+    from lorasmith.train.preflight_report import run_preflight
+
+    try:
+        return run_preflight(args)
+    except (ConfigError, PreflightError, CardError, ModelNotFound, CheckpointError) as exc:
+        print(f"train-lora: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

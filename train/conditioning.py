@@ -10,8 +10,9 @@ CACHE_BATCH = 16
 
 
 class Conditioner:
-    def __init__(self, family, tokenizers: list, clip_skip: int, device, dtype):
+    def __init__(self, family, tokenizers: list, clip_skip: int, device, dtype, max_tokens: int = 75):
         self.family, self.tokenizers, self.clip_skip = family, tokenizers, clip_skip
+        self.max_tokens = max_tokens
         self.device, self.dtype = device, dtype
         self.encoders: list = []
         """The family's text encoders while they are in memory (trained, or not yet cached)."""
@@ -23,7 +24,7 @@ class Conditioner:
         import torch
 
         with torch.enable_grad() if grad else torch.no_grad():
-            return self.family.encode(self.tokenizers, self.encoders, captions, self.clip_skip)
+            return self.family.encode(self.tokenizers, self.encoders, captions, self.clip_skip, self.max_tokens)
 
     def fill_cache(self, captions: set[str]) -> None:
         """Encode every caption once, then let the encoders go: frozen, they would give the same tensors at every

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 import unicodedata
 from pathlib import Path
@@ -20,11 +21,27 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _choices(kind: Any) -> tuple[Any, ...]:
+    """The field types of a union (`bool | Literal["auto"]`), or the type itself."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return typing.get_args(kind)
+    return (kind,)
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """`value` checked against the field type `kind`; ints are accepted where floats are expected."""
+    if len(_choices(kind)) > 1:
+        for choice in _choices(kind):
+            try:
+                return _coerce(value, choice, where)
+            except ConfigError:
+                pass
+        shown = " or ".join(repr(a) if typing.get_origin(c) is Literal else c.__name__
+                            for c in _choices(kind) for a in (typing.get_args(c) or (None,)))
+        raise ConfigError(f"{where} = {value!r} must be {shown}")
     origin = typing.get_origin(kind)
     if origin is Literal:
-        if value not in typing.get_args(kind):
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(kind)):
             choices = ", ".join(map(repr, typing.get_args(kind)))
             raise ConfigError(f"{where} = {value!r} is not one of {choices}")
         return value
@@ -59,6 +76,20 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
 def parse_value(text: str, kind: Any) -> Any:
     """A `--set key=value` value typed from its field: `true`, `2e-4`, `10`, or a plain string."""
+    if len(_choices(kind)) > 1:
+        for choice in _choices(kind):
+            try:
+                return parse_value(text, choice)
+            except ValueError:
+                pass
+        return text
+    if typing.get_origin(kind) is Literal:
+        kinds = {type(a) for a in typing.get_args(kind)}
+        if kinds == {int}:
+            return parse_value(text, int)
+        if text not in typing.get_args(kind):
+            raise ValueError(f"expected one of {', '.join(map(repr, typing.get_args(kind)))}, got {text!r}")
+        return text
     if kind is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
@@ -112,7 +143,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {dotted}: unknown key{f'; did you mean {close[0]!r}?' if close else ''} "
                               f"valid keys: {', '.join(fields)}")
         kind = fields[key]
-        kind = str if typing.get_origin(kind) is Literal else kind
         if (section, key) in PATH_KEYS:  # paths typed on the command line are relative to where it runs
             text = _absolute(text.strip(), Path.cwd(), key)
         try:
@@ -181,10 +211,17 @@ def validate(config: Config) -> None:
         (not (config.model.v_parameterization and config.model.prediction_type == "epsilon"),
          'model.v_parameterization = true contradicts model.prediction_type = "epsilon": keep one'),
         (bool(o.output_dir.strip()), "output.output_dir is empty: give the folder the LoRA goes to"),
+        (not (t.zero_terminal_snr is True and config.model.prediction_type == "epsilon"
+              and not config.model.v_parameterization),
+         'training.zero_terminal_snr = true needs v-prediction: at its last step there is no picture left, so '
+         'ε-prediction has nothing to learn; set model.prediction_type = "v_prediction"'),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from lorasmith.train.blocks import read_block_settings
+
+    read_block_settings(n)  # block-wise lr/rank lists: their length for the family is checked once it is known
     problem = _name_problem(o.output_name)
     if problem:
         raise ConfigError(f"output.output_name = {o.output_name!r} {problem}")

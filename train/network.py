@@ -68,17 +68,58 @@ def network_options(network) -> dict:
 
 
 def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: int = 0, conv_alpha: float = 1.0,
-                  target: str = "kohya", module: str = "lora", **extra):
+                  target: str = "kohya", module: str = "lora", blocks=None, **extra):
     """Adapters of `module`'s type on the UNet's `target` set; with conv_dim (or for locon) on its
-    convolutions too, at conv_dim/conv_alpha for the 3×3 kernels."""
+    convolutions too, at conv_dim/conv_alpha for the 3×3 kernels. With `blocks` (a train/blocks.py BlockPlan)
+    each module takes its block's rank and alpha instead, and blocks at rank 0 get no adapter."""
     from peft import inject_adapter_in_model
 
     if module == "locon" and not conv_dim:
         conv_dim, conv_alpha = dim, alpha
     patterns = dict(rank_pattern={CONV_3X3: conv_dim}, alpha_pattern={CONV_3X3: conv_alpha}) if conv_dim else {}
-    config = adapter_config(module, dim, alpha, unet_targets(target, bool(conv_dim)), dropout=dropout, **patterns,
-                            **extra)
+    targets = unet_targets(target, bool(conv_dim))
+    if blocks is not None:
+        targets, patterns = _block_targets(unet, target, blocks)
+    config = adapter_config(module, dim, alpha, targets, dropout=dropout, **patterns, **extra)
     return _prepared(inject_adapter_in_model(config, unet), module, config)
+
+
+def _block_targets(unet, target: str, blocks) -> tuple[list[str], dict]:
+    """The module list and rank/alpha patterns of a block plan: the target set's modules (with the convolution
+    set when any block has a conv rank), less those in blocks at rank 0."""
+    import re
+
+    from lorasmith.train.schema import ConfigError
+
+    pattern = unet_targets(target, blocks.conv)
+    paths = [name for name, _ in unet.named_modules() if re.fullmatch(pattern, name)]
+    conv3x3 = re.compile(rf"(?:.*\.)?(?:{CONV_3X3})")
+    targets, ranks, alphas = blocks.arguments(paths, conv3x3.fullmatch)
+    if not targets:
+        raise ConfigError("network: every UNet block that holds adapters has rank 0 or learning-rate weight 0 "
+                          "(block_dims, *_lr_weight, block_lr_zero_threshold): nothing would train")
+    return targets, dict(rank_pattern=ranks, alpha_pattern=alphas)
+
+
+def unet_param_groups(unet, lr: float, blocks=None) -> list[dict]:
+    """The UNet's optimizer groups: one at `lr`, or with a block plan's learning-rate weights one per distinct
+    weight at lr × weight. The group at weight 1 comes first (the logs show group 0's rate), the others in the
+    order the UNet's modules first reach them: the same layout every run, so a resumed optimizer state fits."""
+    if blocks is None or not blocks.lr:
+        return [{"params": lora_parameters(unet), "lr": lr}]
+    by_weight: dict[float, list] = {}
+    for name, param in unet.named_parameters():
+        if is_adapter(name):
+            by_weight.setdefault(blocks.weight(adapter_path(name)), []).append(param)
+    order = sorted(by_weight, key=lambda w: w != 1.0)  # stable: first reached stays first
+    return [{"params": by_weight[w], "lr": lr * w} for w in order]
+
+
+def adapter_path(param_name: str) -> str:
+    """The adapted module of an adapter parameter: `…proj_in` for `…proj_in.lora_A.default.weight`."""
+    parts = param_name.split(".")
+    cut = next(i for i, part in enumerate(parts) if part.startswith(ADAPTER_MARKS))
+    return ".".join(parts[:cut])
 
 
 def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None,
@@ -121,8 +162,8 @@ def freeze_base(model) -> None:
         param.requires_grad_(is_adapter(name))
 
 
-def describe_network(unet, texts, params, network) -> str:
-    """One line: what is adapted and how much trains."""
+def describe_network(unet, texts, params, network, blocks: str = "") -> str:
+    """One line: what is adapted and how much trains; `blocks` the block plan's own words, if any."""
     modules = len(lora_layers(unet))
     text = sum(len(lora_layers(e)) for e in texts)
     where = "Kohya's module set" if network.network_target == "kohya" else "the attention projections"
@@ -131,4 +172,4 @@ def describe_network(unet, texts, params, network) -> str:
     conv = f" + convolutions at rank {network.conv_dim}" if network.conv_dim else ""
     return (f"network: {kind} rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
             f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
-            "parameters")
+            "parameters" + (f"; {blocks}" if blocks else ""))

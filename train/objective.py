@@ -31,10 +31,43 @@ class Objective:
         return loss
 
 
-def noise_schedule(scheduler, model):
-    """The base's noise schedule with the preset's prediction type, when it names one: the loss and the samplers
-    (configured from this schedule) then agree."""
+def noise_schedule(scheduler, model, training, declared=None, base: str = "the base model"):
+    """(schedule, note): the base's noise schedule with the preset's prediction type and zero-terminal-SNR choice,
+    so the loss and the samplers (configured from this schedule) agree. `declared` (models.base.Declared) is
+    what the base says of itself: "auto" follows it, a preset that contradicts it is refused (training a
+    v-prediction base for ε, as Kohya does without --v_parameterization, turns its pictures blank), and `note`
+    says what was decided and why, for the plan."""
+    from lorasmith.train.schema import ConfigError
+
+    said = declared.prediction_type if declared is not None else None
+    said_snr = declared.zero_terminal_snr if declared is not None else None
+    source = f"{base} declares it ({declared.source})" if declared is not None and declared.source else ""
     wanted = "v_prediction" if model.v_parameterization else model.prediction_type
-    if wanted in ("auto", scheduler.config.prediction_type):
-        return scheduler
-    return scheduler.from_config(scheduler.config, prediction_type=wanted)
+    if wanted == "epsilon" and said == "v_prediction":
+        raise ConfigError(f'model.prediction_type = "epsilon" contradicts {base}, a v-prediction model '
+                          f'({declared.source}): training it for ε would turn its pictures blank; remove the key')
+    prediction = scheduler.config.prediction_type if wanted == "auto" else wanted
+    zero = training.zero_terminal_snr
+    if zero is False and said_snr:
+        raise ConfigError(f"training.zero_terminal_snr = false contradicts {base}, which has a zero-terminal-SNR "
+                          f"schedule ({declared.source}): remove the key")
+    rescale = bool(scheduler.config.get("rescale_betas_zero_snr", False)) if zero == "auto" else bool(zero)
+    if rescale and prediction != "v_prediction":
+        raise ConfigError("training.zero_terminal_snr needs v-prediction (at its last step there is no picture "
+                          f'left, so ε-prediction has nothing to learn); {base} is ε-prediction: set '
+                          'model.prediction_type = "v_prediction" or training.zero_terminal_snr = false')
+    notes = []
+    if prediction == "v_prediction":
+        notes.append("v-prediction" + (f", as {source}" if wanted == "auto" and source and said else
+                                       " (the preset)" if wanted != "auto" else ""))
+    if rescale:
+        notes.append("zero terminal SNR" + (f", as {source}" if zero == "auto" and source else " (the preset)"
+                                            if zero is True else ""))
+    changed = {}
+    if prediction != scheduler.config.prediction_type:
+        changed["prediction_type"] = prediction
+    if rescale != bool(scheduler.config.get("rescale_betas_zero_snr", False)):
+        changed["rescale_betas_zero_snr"] = rescale
+    if changed:
+        scheduler = scheduler.from_config(scheduler.config, **changed)
+    return scheduler, "; ".join(notes)

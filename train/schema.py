@@ -56,6 +56,10 @@ class ModelConfig:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """auto: from the scheduler's config, or for a single file from its tensors (an SD2.x file without its
     training step reads as 768-v: set "epsilon" for SD2.x-base files)."""
+    base_precision: Literal["auto", "fp8"] = "auto"
+    """How the frozen base is stored. auto: in training.mixed_precision's dtype (fp32 without it). fp8: the
+    UNet's and text encoders' Linear/conv weights in float8_e4m3fn, cast up layer by layer for compute
+    (sd-scripts' --fp8_base): half of bf16's weight memory, slightly coarser base; adapters stay fp32."""
 
 
 @dataclass
@@ -76,6 +80,9 @@ class DatasetConfig:
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = True
+    max_token_length: Literal[75, 150, 225] = 75
+    """Caption tokens the text encoders read (Kohya's max_token_length): 150 or 225 read long captions in chunks
+    of 75; the rest of a caption is cut. Tag lists past 75 tokens are common on anime bases."""
     validation_split: float = ranged(0.0, 0, 1, high_open=True, hint="e.g. 0.1 holds out 10 %")
     """Fraction of the pictures held out of training to measure a validation loss each epoch (0 = none)."""
 
@@ -102,6 +109,28 @@ class NetworkConfig:
     network_target: Literal["kohya", "attention"] = "kohya"
     """kohya: every Linear and 1×1 convolution in the UNet's transformer blocks, as Kohya's networks/lora.py and
     every civitai recipe assume; attention: the attention projections alone (the LoRA paper's choice)."""
+    # Kohya's block-wise settings (train/blocks.py), lora and locon only. Blocks as the original UNet counts
+    # them: SD1.x/SD2.x 25 = input_blocks 0-11, middle_block, output_blocks 0-11; SDXL 23 = embeddings,
+    # input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out. Empty: not used.
+    down_lr_weight: list[float] | str = field(default_factory=list)
+    """A multiplier of the UNet's learning rate per down block (input_blocks.0-…: 12 on SD1.x/SD2.x, 9 on SDXL),
+    or a curve: sine, cosine, linear, reverse_linear, zeros, with an optional +offset ("cosine+.25"). Unset
+    parts are 1; a block at weight 0 (or at most block_lr_zero_threshold) gets no adapter."""
+    mid_lr_weight: list[float] = field(default_factory=list)
+    """The mid block's multiplier: 1 value on SD1.x/SD2.x, 3 on SDXL (middle_block.0-2)."""
+    up_lr_weight: list[float] | str = field(default_factory=list)
+    """As down_lr_weight, for the up blocks (output_blocks.0-…, deepest first: 12 or 9)."""
+    block_lr_zero_threshold: float = ranged(0.0, 0, hint="weights at or below it count as 0")
+    """Learning-rate weights at or below it become 0: those blocks get no adapter."""
+    block_dims: list[int] = field(default_factory=list)
+    """A rank per block (25 on SD1.x/SD2.x, 23 on SDXL) for Linear and 1×1 layers; 0 = no adapter there.
+    Empty: network_dim everywhere."""
+    block_alphas: list[float] = field(default_factory=list)
+    """An alpha per block; empty: network_alpha everywhere."""
+    conv_block_dims: list[int] = field(default_factory=list)
+    """A rank per block for the ResNet 3×3 convolutions (LoCon; turns them on even with conv_dim = 0)."""
+    conv_block_alphas: list[float] = field(default_factory=list)
+    """An alpha per block for the 3×3 convolutions; empty: conv_alpha everywhere."""
 
 
 @dataclass
@@ -139,6 +168,10 @@ class TrainingConfig:
     noise_offset: float = ranged(0.0, 0, 1, hint="0.05-0.1 is usual")
     min_snr_gamma: float = ranged(0.0, 0, hint="0 is off; 5 is the paper's value")
     gradient_checkpointing: bool = False
+    zero_terminal_snr: bool | Literal["auto"] = "auto"
+    """Rescale the noise schedule so its last step is pure noise (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"); v-prediction only. auto: as the base declares it (a single file's
+    `ztsnr` key, a diffusers folder's `rescale_betas_zero_snr`), as NoobAI-XL v-pred does."""
 
 
 @dataclass

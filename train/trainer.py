@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith.models.base import inspect_base
+from lorasmith.models.base import declared_schedule, inspect_base
 from lorasmith.models.families import FAMILIES, family_named
 from lorasmith.train.config import Config
 from lorasmith.train.conditioning import Conditioner, check_clip_skip
@@ -89,8 +89,12 @@ class Trainer(RunEvents):
         self.loss_band = self.family.healthy_band(text_config)
         parts = self._load(*self.family.tokenizer_parts, "scheduler")
         self.conditioner = Conditioner(self.family, [getattr(parts, name) for name in self.family.tokenizer_parts],
-                                       t.clip_skip, self.device, self.weight_dtype)
-        self.objective = Objective(noise_schedule(parts.scheduler, self.config.model), t.min_snr_gamma)
+                                       t.clip_skip, self.device, self.weight_dtype, self.config.dataset.max_token_length)
+        schedule, note = noise_schedule(parts.scheduler, self.config.model, t, declared_schedule(parts),
+                                        Path(self.config.model.pretrained_model.rstrip("/")).name)
+        if note and self.accelerator.is_main_process:
+            self.log(f"noise schedule: {note}")
+        self.objective = Objective(schedule, t.min_snr_gamma)
 
     def _load(self, *names: str):
         """Frozen parts on the device in the weight precision (trainable adapters are added later in fp32; a
@@ -106,6 +110,10 @@ class Trainer(RunEvents):
                 model.requires_grad_(False)
                 full = self.weight_dtype == torch.float32 or (name == "vae" and self.family.vae_fp32)
                 model.to(self.device) if full else model.to(self.device, self.weight_dtype)
+                if name != "vae" and self.config.model.base_precision == "fp8":
+                    from lorasmith.models.storage import store_in_fp8
+
+                    store_in_fp8(model, self.weight_dtype)
         return parts
 
     def cache(self) -> None:
@@ -152,17 +160,20 @@ class Trainer(RunEvents):
     def setup_network(self) -> None:
         import torch
 
+        from lorasmith.train.blocks import plan_blocks
         from lorasmith.train.network import (add_text_lora, add_unet_lora, describe_network, freeze_base,
-                                             lora_parameters, network_options)
+                                             lora_parameters, network_options, unet_param_groups)
         from lorasmith.train.optim import build_optimizer, build_scheduler
 
         n, o, t = self.config.network, self.config.optimizer, self.config.training
+        # Kohya's block-wise ranks and learning rates (None without block keys); lengths checked for the family
+        blocks = plan_blocks(n, self.family.name, getattr(self.unet.config, "layers_per_block", None))
         torch.manual_seed(t.seed)  # the same adapter initialisation on every process
         options = network_options(n)
         add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
-                      n.network_target, **options)
+                      n.network_target, blocks=blocks, **options)
         freeze_base(self.unet)
-        groups = [{"params": lora_parameters(self.unet), "lr": o.unet_lr or o.learning_rate}]
+        groups = unet_param_groups(self.unet, o.unet_lr or o.learning_rate, blocks)
         texts = self.conditioner.encoders if self.train_text else []
         for index, encoder in enumerate(texts):
             used = self.family.layers_used(index, encoder.config.num_hidden_layers, t.clip_skip)
@@ -180,7 +191,8 @@ class Trainer(RunEvents):
 
             self.ranks = RankSampler([self.unet, *texts], n.unit)
         if self.accelerator.is_main_process:  # the plan's last line, once the adapters exist to be counted
-            print(describe_network(self.unet, texts, self.params, n), flush=True)
+            print(describe_network(self.unet, texts, self.params, n,
+                                   blocks.describe(len(groups) - bool(texts)) if blocks else ""), flush=True)
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for encoder in texts:
@@ -334,7 +346,8 @@ class Trainer(RunEvents):
         texts = [self.accelerator.unwrap_model(e) for e in self.conditioner.encoders] if self.train_text else None
         tensors = kohya_state_dict(unet, texts, getattr(torch, SAVE_DTYPES[o.save_precision]), self.family)
         metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started,
-                                  self.objective.prediction, self.run_id, self.family)
+                                  self.objective.prediction, self.run_id, self.family,
+                                  self.objective.scheduler.config.get("rescale_betas_zero_snr", False))
         path = Path(o.output_dir) / name
         try:
             save_lora(path, tensors, metadata)

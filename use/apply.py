@@ -24,15 +24,20 @@ class Layer:
     """The weight's shape, which a module's ΔW must equal."""
 
 
-def layer_table(unet, text_encoder=None, aliases: bool = True) -> dict[str, Layer]:
+def layer_table(unet, text_encoder=None, aliases: bool = True, text_encoder_2=None) -> dict[str, Layer]:
     """Kohya name → layer, for every linear and convolution a LoRA may adapt; with `aliases`, UNet layers are
-    also found under their original block names."""
+    also found under their original block names. With `text_encoder_2` (SDXL) the encoders are `lora_te1`
+    and `lora_te2`, else the one encoder is `lora_te`."""
     import torch
+    from functools import partial
 
     table = {}
     parts = [("unet", unet, lambda p: "lora_unet_" + p.replace(".", "_"))]
     if text_encoder is not None:
-        parts.append(("text_encoder", text_encoder, text_key))
+        parts.append(("text_encoder", text_encoder,
+                      partial(text_key, prefix="lora_te1") if text_encoder_2 is not None else text_key))
+    if text_encoder_2 is not None:
+        parts.append(("text_encoder_2", text_encoder_2, partial(text_key, prefix="lora_te2")))
     for component, model, keyer in parts:
         for path, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in path:
@@ -85,6 +90,12 @@ def _same_shape(file: tuple[int, ...], layer: tuple[int, ...]) -> bool:
     return tuple(file) == tuple(layer) or squeeze(file) == squeeze(layer)
 
 
+def unknown_names(lora: Lora, table: dict[str, Layer]) -> list[str]:
+    """The file's modules that name no layer of `table`, UNet modules first (as `bind` reports them)."""
+    missing = [k for k in lora.modules if _rename(k, table) not in table]
+    return sorted(missing, key=lambda k: not k.startswith("lora_unet_"))
+
+
 def bind(lora: Lora, table: dict[str, Layer], base: str = "this base model") -> dict[str, Layer]:
     """Each module's layer; a LoraError naming the file and what does not fit, if anything does not."""
     bound, missing, wrong, seen = {}, [], [], {}
@@ -133,7 +144,7 @@ def peft_state_dict(lora: Lora, bound: dict[str, Layer]) -> dict:
 
 def load_adapters(pipe, loras: dict[str, Lora]) -> None:
     """Every file as a named adapter of `pipe`, checked first, so a bad file changes nothing."""
-    table = layer_table(pipe.unet, pipe.text_encoder)
+    table = layer_table(pipe.unet, pipe.text_encoder, text_encoder_2=getattr(pipe, "text_encoder_2", None))
     states = {name: peft_state_dict(lora, bind(lora, table)) for name, lora in loras.items()}
     for name, state in states.items():
         pipe.load_lora_weights(state, adapter_name=name)
@@ -154,7 +165,7 @@ def merge_into(models: dict, loras: list[tuple[Lora, float]]) -> int:
     the number of layers changed. All files are checked before the first weight changes."""
     import torch
 
-    table = layer_table(models["unet"], models.get("text_encoder"))
+    table = layer_table(models["unet"], models.get("text_encoder"), text_encoder_2=models.get("text_encoder_2"))
     plans = [(lora, weight, bind(lora, table)) for lora, weight in loras]
     changed = set()
     with torch.no_grad():

@@ -75,19 +75,46 @@ def _size(text: str) -> int:
     return value
 
 
-MODEL_HELP = ("a hub id, a diffusers folder or a single-file checkpoint (.safetensors or .ckpt, SD1.x or SD2.x, as "
-              "downloaded from civitai), as model.pretrained_model in presets")
+MODEL_HELP = ("a hub id, a diffusers folder or a single-file checkpoint (.safetensors or .ckpt, SD1.x, SD2.x or SDXL, "
+              "as downloaded from civitai), as model.pretrained_model in presets")
+GENERATE_MODEL_HELP = MODEL_HELP
+SIZE_CONDITIONING_MAX = 16384
+"""The largest --original-size side or crop offset taken: SDXL saw originals up to about 4096 px, and far beyond
+that the conditioning means nothing."""
 
 
-def _model(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _side_pair(text: str, separator: str, names: str, least: int) -> tuple[int, int]:
+    parts = text.lower().replace(" ", "").split(separator)
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(least <= v <= SIZE_CONDITIONING_MAX for v in values):
+        example = "1024x1024" if separator == "x" else "0,0"
+        raise argparse.ArgumentTypeError(f"expected {names} as two whole numbers from {least} to "
+                                         f"{SIZE_CONDITIONING_MAX} such as {example}, got {text!r}")
+    return values
+
+
+def _original_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT → (width, height), each positive."""
+    return _side_pair(text, "x", "WIDTHxHEIGHT", 1)
+
+
+def _crop(text: str) -> tuple[int, int]:
+    """TOP,LEFT → (top, left), each 0 or more."""
+    return _side_pair(text, ",", "TOP,LEFT", 0)
+
+
+def _model(p: argparse.ArgumentParser, required: bool = False, what: str = MODEL_HELP) -> None:
     p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
-                   help=f"base model: {MODEL_HELP}")
+                   help=f"base model: {what}")
 
 
 def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="text-to-image and image-to-image with LoRAs at weights",
                        formatter_class=HelpFormatter, description=GENERATE_HELP)
-    _model(g)
+    _model(g, what=GENERATE_MODEL_HELP)
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA and its weight (default 1; negative or above 1 allowed); repeat for several; "
                         "a quoted glob gives every match")
@@ -115,7 +142,14 @@ def _generate_parser(sub) -> None:
     g.add_argument("--w", type=_size, default=512, help="width; image-to-image keeps the picture's aspect at about w×h")
     g.add_argument("--h", type=_size, default=512, help="height")
     g.add_argument("--clip-skip", type=at_least(1), default=1,
-                   help="Kohya/A1111 convention: 1 = last layer, 2 = penultimate (anime models)")
+                   help="Kohya/A1111 convention: 1 = last layer, 2 = penultimate (anime models); SD1.x/SD2.x only "
+                        "(SDXL already takes the penultimate layers, and more is refused)")
+    g.add_argument("--original-size", type=_original_size, default=None, metavar="WxH",
+                   help="SDXL's size conditioning: the original picture size the model is told of (default: the "
+                        "picture's own size, as A1111); ignored with a warning on SD1.x/SD2.x bases")
+    g.add_argument("--crop-top-left", type=_crop, default=None, metavar="TOP,LEFT",
+                   help="SDXL's crop conditioning (default 0,0: uncropped); ignored with a warning on SD1.x/SD2.x "
+                        "bases")
     g.add_argument("--sweep", action="store_true",
                    help="one grid per prompt and seed: rows = the --lora files, columns = --weights; "
                         "the LoRA weights given with the files are ignored")
@@ -165,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("files", type=Path, nargs="+", help="LoRA files")
     i.add_argument("--model", default=None, help=f"check the names against this base model ({MODEL_HELP}); "
                                                  "default: the public architecture the file's metadata names "
-                                                 "(SD1.5), built without weights")
+                                                 "(SD1.5, SD2.1 or SDXL base), built without weights")
     return parser
 
 

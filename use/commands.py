@@ -105,6 +105,26 @@ def _check_sizes(jobs, device: str, dtype) -> None:
         raise JobError(problem)
 
 
+def _check_base(args):
+    """The base model's family, read from its configs or tensor shapes before any weight loads. An option that
+    cannot apply to it is refused (--clip-skip on SDXL) or, for size conditioning on a base without it, ignored
+    with a warning; returns (family, original size, crop) with the ignored ones None."""
+    from lorasmith.models.base import inspect_base, resolve_name
+    from lorasmith.models.families import family_named
+
+    family = family_named(inspect_base(resolve_name(args.model)[0])[0])
+    if args.clip_skip > 1 and family.clip_skip_note:
+        raise JobError(f"--clip-skip {args.clip_skip} does not apply to this {family.label} base: "
+                       f"{family.clip_skip_note}; leave --clip-skip out")
+    size = args.original_size
+    crop = None if args.crop_top_left == (0, 0) else args.crop_top_left  # 0,0 is the default: the same names
+    if not family.size_conditioned and (size or crop):
+        _warn([f"--original-size and --crop-top-left condition SDXL's UNet, and this {family.label} base has no "
+               "such input: ignored"])
+        size = crop = None
+    return family, size, crop
+
+
 def generate(args) -> int:
     from functools import partial
 
@@ -124,15 +144,18 @@ def generate(args) -> int:
     jobs = plan_jobs(_prompts(args), [] if args.sweep else files, folders, seed, args.n, _inits(args.init_image),
                      args.strength)
     _check_prompts(jobs)
+    family, original_size, crop = _check_base(args)
     problems: list[str] = []
     if args.tags:
         _with_tags(jobs, args.tagger, problems)
     loras = read_loras([p for p, _ in files] + [p for job in jobs for p in job.loras])
     settings = Settings(args.model, args.out, args.sampler, args.clip_skip, args.device, args.precision,
-                        args.overwrite, not args.quiet)
+                        args.overwrite, not args.quiet, original_size=original_size, crop=crop)
     device, dtype = pick_device(args.device, args.precision)
-    _check_sizes(jobs, device, dtype)
-    factory = partial(Renderer, args.model, device=device, dtype=dtype, clip_skip=args.clip_skip)
+    _check_sizes(jobs, device, _dtype("fp32") if family.vae_fp32 else dtype)  # the VAE decode is the peak
+    factory = partial(Renderer, args.model, device=device, dtype=dtype, clip_skip=args.clip_skip,
+                      family=family.name, original_size=original_size, crop=crop,
+                      samplers=sorted({job.prompt.sampler or args.sampler for job in jobs}))
     digest = model_hash(args.model)
     with writing(args.out):
         prepare(jobs, settings)
@@ -210,6 +233,7 @@ def resize(args) -> int:
     out = args.out or args.file.with_name(f"{args.file.stem}-r{args.rank}{'d' if args.dynamic else ''}.safetensors")
     check_file_output(out, [args.file], args.overwrite)
     lora = read_loras([args.file])[args.file]
+    _check_names(lora)
     top = max(m.rank for m in lora.modules.values())
     if top <= args.rank and not args.dynamic:
         raise JobError(f"{args.file.name} is rank {top} already (no module above {args.rank}): resizing to "
@@ -237,19 +261,27 @@ def resize(args) -> int:
     return 0
 
 
+def _check_names(lora) -> None:
+    """A file whose module names fit no layer of its family's public architecture (the one `info` checks) is
+    refused before any SVD: its resized copy would load nowhere either. Shapes are not held against it (a custom
+    base's file may share the names), and a file the reference cannot judge is resized unchecked."""
+    from lorasmith.use.apply import unknown_names
+    from lorasmith.use.info import reference
+
+    table, base, _ = reference(lora)
+    unknown = unknown_names(lora, table) if table is not None else []
+    if unknown:
+        raise JobError(f"{lora.name} does not fit {base}: {len(unknown)} of {len(lora.modules)} modules name no "
+                       f"layer in it (e.g. {unknown[0]}); not resized, as the copy would not load either: rename or "
+                       "drop those modules first")
+
+
 def info(args) -> int:
     from lorasmith.lorafile.export import addnet_hashes
-    from lorasmith.use.apply import layer_table
-    from lorasmith.use.info import describe, reference
+    from lorasmith.use.info import base_table, describe, reference
     from lorasmith.lorafile.read import LoraError, read_lora
 
-    model_table = None
-    if args.model:
-        from lorasmith.models.base import load_components, resolve_name
-
-        parts = load_components(resolve_name(args.model)[0], ("text_encoder", "unet"))
-        model_table = layer_table(parts.unet, parts.text_encoder)
-    references: dict[str, object] = {}
+    model_table = base_table(args.model) if args.model else None
     failed = 0
     for path in args.files:
         try:
@@ -261,7 +293,7 @@ def info(args) -> int:
         if model_table is not None:
             table, base, names = model_table, "this base model", f"checked against {args.model}"
         else:
-            table, base, names = reference(lora, references)
+            table, base, names = reference(lora)
         lines, problems = describe(path, lora, table, addnet_hashes(path.read_bytes())[0], base, names)
         print("\n".join(lines))
         failed += bool(problems)

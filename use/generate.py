@@ -22,6 +22,10 @@ class Settings:
     overwrite: bool = False
     progress: bool = True
     tile: int = 256
+    original_size: tuple[int, int] | None = None
+    """--original-size (width, height) for size-conditioned bases (SDXL); None: each picture's own size."""
+    crop: tuple[int, int] | None = None
+    """--crop-top-left (top, left) for size-conditioned bases; None: 0,0."""
 
 
 @dataclass
@@ -63,6 +67,8 @@ def _parameters(job: Job, settings: Settings, loras: dict, model_hash: str) -> s
               "Model hash": model_hash, "Model": Path(settings.model.rstrip("/")).name or settings.model,
               "Denoising strength": f"{job.strength:g}" if job.init is not None else None,
               "Clip skip": settings.clip_skip if settings.clip_skip > 1 else None,
+              "Original size": "x".join(map(str, settings.original_size)) if settings.original_size else None,
+              "Crop top left": ",".join(map(str, settings.crop)) if settings.crop else None,
               "Version": "lorasmith"}
     return parameters_text(p.prompt, p.negative, values, used)
 
@@ -157,7 +163,7 @@ def sweep(jobs: list[Job], files: list[Path], weights: list[float], settings: Se
     what = hashlib.sha256(repr([[loras[p].metadata.get("sshs_model_hash") for p in files], weights]).encode())
     for job in jobs:
         bar.update()
-        key = settings_key(job, settings.model, settings.sampler, settings.clip_skip)
+        key = settings_key(job, _key_model(settings), settings.sampler, settings.clip_skip)
         path = settings.out / f"sweep-{job.seed}-{key}{what.hexdigest()[:4]}.png"
         if path.exists() and not settings.overwrite:
             result.skipped.append(path)
@@ -205,6 +211,14 @@ def _sweep_parameters(job: Job, loras: list, weights: list[float], model_hash: s
                            [(lora.stem, 1.0, lora_hash(lora)) for lora in loras])
 
 
+def _key_model(settings: Settings) -> str:
+    """The model as the settings hash reads it, followed by the size conditioning when one was asked for: another
+    original size or crop is another picture, so another file name; without them names stay as they were."""
+    extra = [f"{what} {value}" for what, value in (("original size", settings.original_size), ("crop", settings.crop))
+             if value is not None]
+    return " | ".join([settings.model, *extra])
+
+
 def prepare(jobs: list[Job], settings: Settings) -> None:
-    name_jobs(jobs, settings.model, settings.sampler, settings.clip_skip)
+    name_jobs(jobs, _key_model(settings), settings.sampler, settings.clip_skip)
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ spends an evening wondering why it does nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -11,11 +12,14 @@ from pathlib import Path
 
 from lorasmith.lorafile.read import Lora
 
-_BLOCK = re.compile(r"^lora_unet_((?:down|up)_blocks_\d+|mid_block|[a-z_]+?)(?:_|$)|^(lora_te\d?)_")
+_BLOCK = re.compile(r"^lora_unet_((?:down|up|input|output)_blocks_\d+|mid(?:dle)?_block|[a-z_]+?)(?:_|$)"
+                    r"|^(lora_te\d?)_")
+"""diffusers' block names and the original (SGM) ones SDXL files use: `input_blocks_4`, `middle_block`."""
 
 
 def block_of(key: str) -> str:
-    """The block a module belongs to, for the rank/alpha table: `down_blocks.0`, `mid_block`, `te`."""
+    """The block a module belongs to, for the rank/alpha table: `down_blocks.0`, `input_blocks.4`, `mid_block`,
+    `text encoder 2`."""
     match = _BLOCK.match(key)
     if not match:
         return "other"
@@ -67,8 +71,10 @@ def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
     return problems
 
 
-PUBLIC_BASES = {"SD1.x": "the SD1.5 architecture"}
-"""Families whose public architecture `info` rebuilds (without weights) to check names when no --model is given."""
+PUBLIC_BASES = {"SD1.x": "the SD1.5 architecture", "SD2.x": "the SD2.1 architecture",
+                "SDXL": "the SDXL base architecture"}
+"""Families whose public architecture `info` and `resize` rebuild (without weights) to check names when no
+--model is given."""
 
 
 def context_width(lora: Lora) -> int:
@@ -76,7 +82,7 @@ def context_width(lora: Lora) -> int:
     return next((int(m.down.shape[1]) for k, m in lora.modules.items() if k.endswith("attn2_to_k")), 0)
 
 
-def reference(lora: Lora, cache: dict) -> tuple[object, str, str]:
+def reference(lora: Lora) -> tuple[object, str, str]:
     """(layer table, its name, a note for the user) to check a file's names against when no base model is
     given: the public architecture its metadata names. A file whose shapes belong to no public base (a custom
     or test model) gets no table and a note saying its names were not checked, not a verdict."""
@@ -88,28 +94,57 @@ def reference(lora: Lora, cache: dict) -> tuple[object, str, str]:
                           "has (a custom base); pass --model BASE to check them")
     if family not in PUBLIC_BASES:
         return None, "", f"not checked against {family}: pass --model BASE to check them"
-    if family not in cache:
-        cache[family] = reference_table(family)
-    return cache[family], PUBLIC_BASES[family], f"checked against {PUBLIC_BASES[family]}"
+    return reference_table(family), PUBLIC_BASES[family], f"checked against {PUBLIC_BASES[family]}"
 
 
+def _public_spec(family: str) -> dict:
+    """Constructor kwargs of a family's public base: SD1.5 and SDXL base as models/tiny.py builds them for
+    benchmarks, SD2.1 as its diffusers configs say (OpenCLIP-H with the 23 layers diffusers keeps)."""
+    from lorasmith.models.tiny import SIZES
+
+    if family == "SD2.x":
+        unet = dict(SIZES["sd15"]["unet"], cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                    use_linear_projection=True)
+        return {"unet": unet, "texts": [dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                              num_attention_heads=16, vocab_size=49408, hidden_act="gelu")]}
+    if family == "SDXL":
+        spec = SIZES["sdxl"]
+        return {"unet": spec["unet"], "texts": [dict(spec["text"], hidden_act="quick_gelu"),
+                                                  dict(spec["text_2"], hidden_act="gelu")]}
+    return {"unet": SIZES["sd15"]["unet"], "texts": [SIZES["sd15"]["text"]]}
+
+
+@functools.cache
 def reference_table(family: str):
-    """The SD1.5 architecture's layer names and shapes, built on the meta device (no weights, no download),
-    to check a file's names when no base model is given."""
-    if family != "SD1.x":
-        return None
+    """A public base's layer names and shapes (PUBLIC_BASES), built on the meta device: no weights, no download,
+    about a second even for SDXL, and once per process."""
     import torch
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lorasmith.models.tiny import SIZES
     from lorasmith.use.apply import layer_table
 
-    spec = SIZES["sd15"]
+    if family not in PUBLIC_BASES:
+        return None
+    spec = _public_spec(family)
     with torch.device("meta"):
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
-        text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **spec["text"]))
-    return layer_table(unet, text)
+        texts = [cls(CLIPTextConfig(max_position_embeddings=77, **text))
+                 for cls, text in zip((CLIPTextModel, CLIPTextModelWithProjection), spec["texts"])]
+    return layer_table(unet, texts[0], text_encoder_2=texts[1] if len(texts) > 1 else None)
+
+
+def base_table(model: str):
+    """The layer table of a base model the user names (SD1.x, SD2.x or SDXL base; hub id, folder or single file):
+    its UNet and every text encoder of its family, nothing else loaded."""
+    from lorasmith.models.base import inspect_base, load_components, resolve_name
+    from lorasmith.models.families import FAMILIES, family_named
+    from lorasmith.use.apply import layer_table
+
+    name = resolve_name(model)[0]
+    family = family_named(inspect_base(name)[0])
+    parts = load_components(name, ("unet", *family.text_parts), families=FAMILIES)
+    return layer_table(parts.unet, parts.text_encoder, text_encoder_2=parts.text_encoder_2)
 
 
 def _top_tags(metadata: dict[str, str], count: int = 10) -> list[tuple[str, int]]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from lorasmith.lorafile.export import save_lora
 from lorasmith.models.families import family_named
 from lorasmith.lorafile.metadata import model_name
-from lorasmith.models.family import is_v2
 from lorasmith.lorafile.read import Lora, kohya_tensors
 from lorasmith.use.lowrank import Kept
 from lorasmith.use.outputs import MARKER, swap_in
@@ -62,35 +61,73 @@ def kept_lines(report: list[Kept], limit: int = 12) -> list[str]:
     return lines
 
 
+BASE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
 def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt: str, dtype=None) -> tuple[Path, int]:
-    """The base model with every LoRA added at its weight, as one original-layout `.safetensors` file
-    (A1111, ComfyUI) or a diffusers folder; (path, layers changed). All files are checked before any write."""
-    from lorasmith.models.base import load_components, quiet_libraries, resolve_name
-    from lorasmith.models.tiny import save_pipeline
+    """The base model (SD1.x, SD2.x or SDXL base) with every LoRA added at its weight, as one original-layout
+    `.safetensors` file (A1111, ComfyUI) or a diffusers folder; (path, layers changed). All files are checked
+    before any write."""
+    from lorasmith.models.base import inspect_base, load_components, quiet_libraries, resolve_name
+    from lorasmith.models.families import FAMILIES
     from lorasmith.use.apply import merge_into
 
     quiet_libraries()
-    parts = load_components(resolve_name(model)[0])
-    changed = merge_into({"unet": parts.unet, "text_encoder": parts.text_encoder}, loras)
-    family = family_named("sd2" if is_v2(parts.text_encoder.config) else "sd1").architecture(
-        parts.scheduler.config.prediction_type)[1]
-    metadata = {"lorasmith_base_model": model_name(model), "lorasmith_merged_loras": inputs_metadata(loras),
-                "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.removesuffix("/lora"),
-                "modelspec.prediction_type": parts.scheduler.config.prediction_type, "modelspec.title": out.stem}
+    name = resolve_name(model)[0]
+    family = family_named(inspect_base(name)[0])
+    extra = family.tokenizer_parts[1:] + family.text_parts[1:]  # SDXL's second encoder and its tokenizer
+    parts = load_components(name, BASE_PARTS + extra, families=FAMILIES)
+    changed = merge_into({"unet": parts.unet, **{p: getattr(parts, p) for p in family.text_parts}}, loras)
+    metadata = checkpoint_metadata(model, loras, family, parts.scheduler.config.prediction_type, out)
     if fmt == "diffusers":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-        try:
-            for part in (parts.text_encoder, parts.vae, parts.unet):
-                if dtype is not None and part.dtype != dtype:
-                    part.to(dtype)
-            save_pipeline(staging, parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler)
-            (staging / MARKER).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-            swap_in(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return out, changed
+        return write_folder(parts, out, metadata, dtype), changed
     from lorasmith.models.checkpoint import original_state_dict, save_checkpoint
 
-    state = original_state_dict(parts.unet, parts.vae, parts.text_encoder)
+    state = original_state_dict(parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2)
+    state.update(identity_keys(parts.scheduler.config))
     return save_checkpoint(out, state, metadata, dtype), changed
+
+
+def checkpoint_metadata(model: str, loras: list[tuple[Lora, float]], family, prediction_type: str,
+                        out: Path) -> dict[str, str]:
+    """What went in (base and LoRA names, never paths) and the architecture as the family registry names it, so
+    a UI or hub lists the merged file under the right base."""
+    return {"lorasmith_base_model": model_name(model), "lorasmith_merged_loras": inputs_metadata(loras),
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": family.architecture(prediction_type)[1].removesuffix("/lora"),
+            "modelspec.prediction_type": prediction_type, "modelspec.title": out.stem}
+
+
+def identity_keys(scheduler_config) -> dict:
+    """The marker tensors single-file readers take the noise schedule from, which the weights alone do not say:
+    ComfyUI's empty `v_pred`, and `ztsnr` for a zero-terminal-SNR schedule, as its own checkpoint saver writes
+    them. (An SD2.x epsilon base gets none: readers take an SD2.x file for v-prediction unless it carries
+    SD2-base's `global_step`, which lorasmith's own reader cannot yet read from a .safetensors file.)"""
+    import torch
+
+    if scheduler_config.prediction_type != "v_prediction":
+        return {}
+    keys = {"v_pred": torch.tensor([])}
+    if getattr(scheduler_config, "rescale_betas_zero_snr", False):
+        keys["ztsnr"] = torch.tensor([])
+    return keys
+
+
+def write_folder(parts, out: Path, metadata: dict[str, str], dtype=None) -> Path:
+    """The merged parts as a diffusers folder, built beside `out` and swapped in whole, with the metadata in
+    lorasmith's marker file (which later lets `--overwrite` replace it)."""
+    from lorasmith.models.tiny import save_pipeline
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        for part in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
+            if part is not None and dtype is not None and part.dtype != dtype:
+                part.to(dtype)
+        save_pipeline(staging, parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler,
+                      parts.tokenizer_2, parts.text_encoder_2)
+        (staging / MARKER).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -192,20 +192,29 @@ def _padded(tokenizer, chunked, at_least: int):
     return ids, weights
 
 
-def _encode(text_encoder, ids, weights, clip_skip: int):
+def _emphasis(z, weights):
+    """[chunks, 77, d] states → [1, 77·chunks, d] with A1111's "Original" emphasis, chunk by chunk: scale each
+    position, then restore the chunk's mean so that emphasis shifts attention between words instead of making
+    the whole prompt louder."""
     import torch
 
-    from lorasmith.models.text import encode_prompts
-
-    device = next(text_encoder.parameters()).device
-    z = encode_prompts(text_encoder, torch.tensor(ids, dtype=torch.long, device=device), clip_skip)
-    # A1111's "Original" emphasis, chunk by chunk: scale each position, then restore the chunk's mean so that
-    # emphasis shifts attention between words instead of making the whole prompt louder.
     before = z.mean(dim=(1, 2), keepdim=True)
     z = z * torch.tensor(weights, dtype=z.dtype, device=z.device)[..., None]
     after = z.mean(dim=(1, 2), keepdim=True)
     z = z * torch.where(after == 0, torch.ones_like(after), before / after)
     return z.reshape(1, -1, z.shape[-1])
+
+
+def _ids(text_encoder, ids):
+    import torch
+
+    return torch.tensor(ids, dtype=torch.long, device=next(text_encoder.parameters()).device)
+
+
+def _encode(text_encoder, ids, weights, clip_skip: int):
+    from lorasmith.models.text import encode_prompts
+
+    return _emphasis(encode_prompts(text_encoder, _ids(text_encoder, ids), clip_skip), weights)
 
 
 def encode_weighted(tokenizer, text_encoder, prompt: str, clip_skip: int = 1, chunks: int | None = None):
@@ -224,3 +233,37 @@ def encode_pair(tokenizer, text_encoder, positive: str, negative: str, clip_skip
     k = max(len(pos[0]), len(neg[0]))
     pos, neg = _padded(tokenizer, pos, k), _padded(tokenizer, neg, k)
     return _encode(text_encoder, *pos, clip_skip), _encode(text_encoder, *neg, clip_skip)
+
+
+def encode_conditioning(family, tokenizers, encoders, positive: str, negative: str, clip_skip: int = 1):
+    """(positive, negative) conditioning of equal length for any base family, as `family.render` takes it:
+    `context` [1, 77·k, width], and `pooled` [1, projection] where the family has a pooled text input.
+
+    Each text encoder reads the prompt in its own 77-token chunks, with its own pad token, and its chunks are
+    weighted and mean-restored on their own; the encoders' states then sit side by side on the feature axis, as
+    A1111's SDXL conditioner does per embedder. The pooled embedding is the first chunk's (A1111's
+    `zs[0].pooled`, ComfyUI's `first_pooled`, Kohya's `pool2[::n]`). Every encoder and both prompts are padded
+    with empty chunks to one count k. Where the family says so, an empty negative prompt is all zeros.
+    """
+    import torch
+
+    parsed = (parse_attention(positive), parse_attention(negative, "negative prompt"))
+    chunked = [[chunk_tokens(tokenizer, runs) for tokenizer in tokenizers] for runs in parsed]  # prompt, encoder
+    k = max(len(ids) for per_prompt in chunked for ids, _ in per_prompt)
+    conditioned = _conditioning(family, tokenizers, encoders, chunked[0], k, clip_skip)
+    if family.zero_empty_negative and not negative.strip():
+        return conditioned, {name: torch.zeros_like(value) for name, value in conditioned.items()}
+    return conditioned, _conditioning(family, tokenizers, encoders, chunked[1], k, clip_skip)
+
+
+def _conditioning(family, tokenizers, encoders, chunked, k: int, clip_skip: int) -> dict:
+    """One prompt's conditioning from its chunks per encoder, each padded to k chunks (see encode_conditioning)."""
+    import torch
+
+    states, pooled = [], None
+    for index, (tokenizer, encoder, chunks) in enumerate(zip(tokenizers, encoders, chunked)):
+        ids, weights = _padded(tokenizer, chunks, k)
+        z, pooled_chunks = family.prompt_states(index, encoder, _ids(encoder, ids), clip_skip)
+        states.append(_emphasis(z, weights))
+        pooled = pooled if pooled_chunks is None else pooled_chunks[:1]
+    return {"context": torch.cat(states, dim=-1), **({"pooled": pooled} if pooled is not None else {})}
