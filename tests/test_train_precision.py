@@ -36,7 +36,17 @@ def preset(root: Path, base_model: Path, **sections) -> Path:
     return path
 
 
-def test_bf16_trains_samples_saves_and_resumes_bit_identical(tiny_sd, tmp_path, capsys):
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate keeps one precision per process; earlier in-process runs of the suite set fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_trains_samples_saves_and_resumes_bit_identical(tiny_sd, tmp_path, capsys, fresh_accelerator):
     path = preset(tmp_path, tiny_sd, training={"mixed_precision": "bf16"},
                   optimizer={"learning_rate": 5e-3, "text_encoder_lr": 2e-3})
     assert cli.main([str(path), "--quiet"]) == 0
