@@ -29,13 +29,11 @@ class SDXL(ModelFamily):
         from lorasmith.models.text import join_chunks, tokenize
 
         states, pooled = [], None
-        for tokenizer, encoder in zip(tokenizers, encoders):
+        for index, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders)):
             ids = tokenize(tokenizer, captions, max_tokens).to(next(encoder.parameters()).device)
             chunks = ids.shape[1] if ids.dim() == 3 else 1
-            out = encoder(ids.reshape(-1, ids.shape[-1]), output_hidden_states=True)
-            # penultimate, without the final norm: what SDXL was trained on
-            states.append(join_chunks(out.hidden_states[-2], chunks))
-            embeds = getattr(out, "text_embeds", None)
+            hidden, embeds = self.prompt_states(index, encoder, ids.reshape(-1, ids.shape[-1]), clip_skip)
+            states.append(join_chunks(hidden, chunks))
             # the first chunk's pooled embedding, as sd-scripts, A1111 and ComfyUI take it
             pooled = None if embeds is None else embeds[::chunks]
         return {"context": torch.cat(states, dim=-1), "pooled": pooled}

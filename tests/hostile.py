@@ -115,3 +115,16 @@ def tiny_disk(folder: Path, size_kib: int, leave_kib: int) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def lora_main(capsys, *args) -> tuple[int, str]:
+    """`lora` in this process (no interpreter start per case): argparse's exit and the guarded exit alike,
+    stderr and stdout together."""
+    from lorasmith.use.cli import main
+
+    try:
+        code = main([*map(str, args)])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out

@@ -12,24 +12,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import REPO
-from hostile import check, check_result, run, snapshot, tiny_disk, unprivileged
+from hostile import check, check_result, lora_main, run, snapshot, tiny_disk, unprivileged
 from loras import attention_and_text, random_modules, write_kohya
 from lorasmith.models.base import load_components
 from lorasmith.use.apply import layer_table
-from lorasmith.use.cli import main
 from lorasmith.use.jobs import JobError, resolve_tag
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-
-
-def lora_main(capsys, *args) -> tuple[int, str]:
-    """`lora` in this process (no model load per case); argparse's exit and the guarded exit alike."""
-    try:
-        code = main([*map(str, args)])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hostile import lora_main
 from loras import random_modules, write_kohya
 from lorasmith.models.base import load_components
 from lorasmith.models.families import FAMILIES
@@ -21,16 +22,6 @@ from lorasmith.use.cli import main
 
 XL_META = {"ss_base_model_version": "sdxl_base_v1-0"}
 XL_PARTS = ("text_encoder", "text_encoder_2", "unet")
-
-
-def lora_main(capsys, *args) -> tuple[int, str]:
-    """`lora` in this process: argparse's exit and the guarded exit alike, stderr and stdout together."""
-    try:
-        code = main([*map(str, args)])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 @pytest.fixture
