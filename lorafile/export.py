@@ -6,6 +6,7 @@ table: transformers ≥ 5.6 renamed the text encoder's modules, the file format 
 `convert_state_dict_to_kohya` is not used: it writes alpha = rank and names SD1.x's encoder `lora_te1`, so
 loaders would apply the LoRA at the wrong strength. SDXL files name UNet modules by their original
 (SGM) paths, `lora_unet_input_blocks_4_1_…`, and the encoders `lora_te1_`/`lora_te2_`, as Kohya writes them.
+Flux files use BFL's block names (`lora_unet_double_blocks_0_img_attn_qkv`), one module per fused BFL layer.
 """
 
 from __future__ import annotations
@@ -41,16 +42,37 @@ def kohya_state_dict(unet, text_encoders=None, dtype=None, family=None) -> dict:
     family = family or family_named("sd1")
     if text_encoders is not None and not isinstance(text_encoders, (list, tuple)):
         text_encoders = [text_encoders]
-    models = [(unet, family.unet_names(unet).__getitem__)]
+    tensors = {}
+    layers = lora_layers(unet)
+    for key, paths in family.fused_parts(unet).items():
+        parts = [layer_tensors(layers[path]) for path in paths]
+        for suffix, tensor in (parts[0] if len(parts) == 1 else stacked(parts, key)).items():
+            tensors[f"{key}.{suffix}"] = tensor.to("cpu", dtype or torch.float32).contiguous()
+    models = []
     for model, prefix in zip(text_encoders or (), family.text_prefixes):
         models.append((model, lambda path, prefix=prefix: text_key(path, prefix)))
-    tensors = {}
     for model, keyer in models:
         for path, layer in lora_layers(model).items():
             key = keyer(path)
             for suffix, tensor in layer_tensors(layer).items():
                 tensors[f"{key}.{suffix}"] = tensor.to("cpu", dtype or torch.float32).contiguous()
     return tensors
+
+
+def stacked(parts: list[dict], key: str) -> dict:
+    """LoRAs of layers that the original layout fuses into one (Flux's q, k, v) as that one's LoRA: downs stacked,
+    ups block-diagonal, so ΔW of the fused weight is each part's ΔW in its rows. The file's alpha keeps the
+    first part's alpha/rank over the summed rank; a part trained at another ratio carries the difference in its
+    up weights."""
+    import torch
+
+    if any("lora_down.weight" not in part for part in parts):
+        raise ValueError(f"{key}: only LoRA layers can be stacked into one module")
+    ranks = [part["lora_down.weight"].shape[0] for part in parts]
+    ratio = float(parts[0]["alpha"]) / ranks[0]
+    ups = [part["lora_up.weight"] * (float(part["alpha"]) / rank / ratio) for part, rank in zip(parts, ranks)]
+    return {"lora_down.weight": torch.cat([part["lora_down.weight"] for part in parts]),
+            "lora_up.weight": torch.block_diag(*ups), "alpha": torch.tensor(ratio * sum(ranks))}
 
 
 def layer_tensors(layer, adapter: str = "default") -> dict:

@@ -108,9 +108,12 @@ def kohya_tensors(lora: Lora, dtype=None) -> dict:
 def family_hint(lora: Lora) -> str:
     """The base model family a file was made for, from its metadata or else its shapes: for messages and `info`."""
     version = lora.metadata.get("ss_base_model_version", "") + lora.metadata.get("modelspec.architecture", "")
-    for mark, family in (("sdxl", "SDXL"), ("xl-v1", "SDXL"), ("v2", "SD2.x"), ("sd_v1", "SD1.x"), ("v1", "SD1.x")):
+    for mark, family in (("flux", "Flux.1"), ("sdxl", "SDXL"), ("xl-v1", "SDXL"), ("v2", "SD2.x"), ("sd_v1", "SD1.x"),
+                         ("v1", "SD1.x")):
         if mark in version:
             return family
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in lora.modules):
+        return "Flux.1"
     if any(k.startswith("lora_te2_") for k in lora.modules):
         return "SDXL"
     widths = {int(m.down.shape[1]) for k, m in lora.modules.items() if k.endswith("attn2_to_k")}

@@ -173,4 +173,5 @@ def kohya_metadata(config, plan, dataset, epoch: int, step: int, started: float,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.trigger_phrase": trigger,
         **extra,
+        **family.metadata(config),
     }

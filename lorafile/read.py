@@ -25,8 +25,8 @@ LYCORIS_MARKS = {"hada_t1": "LoHa with Tucker convolutions (hada_t1)", "lokr_t2"
 """Tensor names of adapter types this reader does not turn into down/up pairs, for the refusal's wording."""
 _KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha|"
                     r"hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
-_PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
-_PEFT_ALPHA = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.alpha$")
+_PEFT = re.compile(r"^(unet|transformer|text_encoder(?:_2)?)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+_PEFT_ALPHA = re.compile(r"^(unet|transformer|text_encoder(?:_2)?)\.(.+)\.alpha$")
 _TE_PREFIX = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 
 
@@ -81,12 +81,51 @@ def _from_peft(tensors: dict, metadata: dict[str, str], name: str) -> dict[str, 
         pattern = config.get("alpha_pattern") or {}
         alpha = alphas.get((component, path), next((a for p, a in pattern.items() if path.endswith(p)),
                                                    config.get("lora_alpha", pair["lora_A"].shape[0])))
+        if component == "transformer":
+            modules[path] = Module(pair["lora_A"], pair["lora_B"], float(alpha))
+            continue
         try:
             key = "lora_unet_" + path.replace(".", "_") if component == "unet" else _te_kohya(_TE_PREFIX[component], path)
         except ValueError:
             raise LoraError(f"{name}: no known text-encoder layer is called {path!r}") from None
         modules[key] = Module(pair["lora_A"], pair["lora_B"], float(alpha))
-    return modules
+    return _flux_kohya(modules, name)
+
+
+def _flux_kohya(modules: dict[str, Module], name: str) -> dict[str, Module]:
+    """A diffusers-named Flux transformer's modules (ai-toolkit's files) under Kohya's names, the parts of each
+    fused BFL layer stacked as lorasmith writes them (lorafile/export.py `stacked`). A part the file lacks is a
+    zero rank-1 module: q, k and v are as wide as the block, the MLP's input four times that (Flux's mlp_ratio)."""
+    import torch
+
+    from lorasmith.lorafile.export import stacked
+    from lorasmith.models.family_flux import DOUBLE, SINGLE, kohya_part
+
+    flux = {path: module for path, module in modules.items() if not path.startswith("lora_")}
+    out = {path: module for path, module in modules.items() if path.startswith("lora_")}
+    groups: dict[str, dict[int, Module]] = {}
+    for path, module in flux.items():
+        named = kohya_part(path)
+        if named is None:
+            raise LoraError(f"{name}: no Flux block layer Kohya names is called {path!r}")
+        groups.setdefault(named[0], {})[named[1]] = module
+    for key, parts in groups.items():
+        count = len({part for table in (DOUBLE, SINGLE) for m, part in table.values() if key.endswith("_" + m)})
+        if count == 1:
+            out[key] = parts[0]
+            continue
+        width = next(iter(parts.values())).down.shape[1]
+        dicts = []
+        for i in range(count):
+            module = parts.get(i)
+            if module is None:
+                rows = 4 * width if i == 3 else width
+                module = Module(torch.zeros(1, width), torch.zeros(rows, 1), 1.0)
+            dicts.append({"lora_down.weight": module.down, "lora_up.weight": module.up,
+                          "alpha": torch.tensor(module.alpha)})
+        merged = stacked(dicts, key)
+        out[key] = Module(merged["lora_down.weight"], merged["lora_up.weight"], float(merged["alpha"]))
+    return out
 
 
 def _from_kohya(tensors: dict, name: str) -> dict[str, Module]:

@@ -19,13 +19,14 @@ class Components:
     text_encoder: Any
     vae: Any
     unet: Any
+    """The denoiser: a UNet, or Flux's transformer."""
     scheduler: Any
     name: str
     family: Any = None
     """single_file.Family of a checkpoint file; None for a diffusers folder or hub id."""
     text_encoder_2: Any = None
     tokenizer_2: Any = None
-    """SDXL's second text encoder (OpenCLIP-bigG with projection) and its tokenizer."""
+    """SDXL's second text encoder (OpenCLIP-bigG with projection), Flux's T5-XXL, and its tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     quiet_libraries()
     if Path(name).expanduser().is_file():
         return _from_file(Path(name).expanduser(), name, parts, families)
+    if is_flux(name):
+        if "flux" not in families:
+            from lorasmith.models.single_file import CheckpointError
+
+            raise CheckpointError(f"{name} is a Flux.1 model; this command runs SD1.x, SD2.x and SDXL models so far")
+        return _flux_components(name, parts)
     if "sdxl" not in families and (Path(name).expanduser() / "text_encoder_2").is_dir():
         from lorasmith.models.single_file import CheckpointError
 
@@ -88,14 +95,51 @@ def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_enco
     classes = {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
                "unet": UNet2DConditionModel, "scheduler": DDPMScheduler, "tokenizer_2": CLIPTokenizer,
                "text_encoder_2": CLIPTextModelWithProjection}
+    return _load_parts(name, parts, classes)
+
+
+def _load_parts(name: str, parts: tuple[str, ...], classes: dict, folders: dict | None = None) -> Components:
     loaded = {}
     for part in classes:
         if part in parts:
-            loader = functools.partial(classes[part].from_pretrained, subfolder=part)
+            folder = (folders or {}).get(part, part)
+            loader = functools.partial(classes[part].from_pretrained, subfolder=folder)
             loaded[part] = load_model(name, loader, f"base model ({part})")
         else:
             loaded[part] = None
     return Components(name=name, **loaded)
+
+
+def is_flux(name: str) -> bool:
+    """A Flux.1 diffusers folder or hub id: it has a `transformer` and a T5 `text_encoder_2`."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return (path / "transformer").is_dir()
+    if path.exists() or name.count("/") != 1 or "flux" not in name.lower():
+        return False  # only hub ids that say so are asked, so an offline SD run never waits on the hub
+    from diffusers import DiffusionPipeline
+
+    return "Flux" in str(load_model(name, DiffusionPipeline.load_config, "base model").get("_class_name", ""))
+
+
+def configure_family(family, name: str) -> None:
+    """Tell a transformer family what its denoiser's config says (Flux: dev or schnell) before anything loads:
+    the text length of cached captions depends on it."""
+    if family.denoiser != "unet":
+        from diffusers import FluxTransformer2DModel
+
+        loader = functools.partial(FluxTransformer2DModel.load_config, subfolder=family.denoiser)
+        family.configure(load_model(name, loader, f"base model ({family.denoiser})"))
+
+
+def _flux_components(name: str, parts: tuple[str, ...]) -> Components:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    classes = {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
+               "unet": FluxTransformer2DModel, "scheduler": FlowMatchEulerDiscreteScheduler,
+               "tokenizer_2": T5TokenizerFast, "text_encoder_2": T5EncoderModel}
+    return _load_parts(name, parts, classes, {"unet": "transformer"})
 
 
 def _from_file(path: Path, name: str, parts: tuple[str, ...], families: tuple[str, ...]) -> Components:
@@ -155,6 +199,9 @@ def inspect_base(name: str) -> tuple[str, Any]:
 
         _, shapes, family = open_checkpoint(path)
         return family.name, CLIPTextConfig(**text_configs(shapes, family)[0])
+    if is_flux(name):
+        return "flux", load_model(name, functools.partial(CLIPTextConfig.from_pretrained, subfolder="text_encoder"),
+                                  "base model (text_encoder)")
     if path.is_dir():
         xl = (path / "text_encoder_2").is_dir()
     else:

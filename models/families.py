@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from lorasmith.models.family import ModelFamily
 from lorasmith.models.family_sd import SD1, SD2
+from lorasmith.models.family_flux import Flux
 from lorasmith.models.family_sdxl import SDXL
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 
 
 def family_named(name: str) -> ModelFamily:
-    return {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}[name]()
+    return {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "flux": Flux}[name]()

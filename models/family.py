@@ -23,6 +23,15 @@ class ModelFamily:
     another family's band would mark good epochs bad."""
     public_text: tuple[int, int] = (768, 12)
     """(width, layers) of the first text encoder in the family's public bases."""
+    objective = "diffusion"
+    """What training fits: "diffusion" (ε or v at discrete timesteps) or "flow" (rectified flow's velocity)."""
+    denoiser = "unet"
+    """The denoiser's subfolder in a diffusers folder (the `unet` part of `base.Components`)."""
+    prompt_tokens = 0
+    """`lora generate` encodes a prompt whole to this many tokens with `encode` (Flux's T5: 512), instead of
+    A1111's weighted 77-token chunks (0)."""
+    trained_texts: int | None = None
+    """How many of the text encoders take adapters when the text encoders train; None: all."""
 
     # What `lora generate` asks of a family.
     size_conditioned = False
@@ -42,6 +51,37 @@ class ModelFamily:
         """Batched conditioning tensors by name: at least `context` (the cross-attention input). `max_tokens`
         above 75 reads longer captions in chunks (Kohya's max_token_length)."""
         raise NotImplementedError
+
+    def configure(self, denoiser) -> None:
+        """Learn what the loaded denoiser says of the base (Flux: dev or schnell); nothing for SD."""
+
+    def text_length(self, dataset) -> int:
+        """The token count captions are encoded to, from the preset's dataset section."""
+        return dataset.max_token_length
+
+    def targets(self, target: str) -> str | None:
+        """peft's target_modules regex for a transformer denoiser's `target` set; None for a UNet, whose sets
+        (with LoCon's convolutions and block plans) train/network.py keeps."""
+        return None
+
+    def predict(self, model, noisy, timesteps, inputs: dict):
+        """The denoiser's output for noisy latents [b, c, h, w], in the same layout."""
+        return model(noisy, timesteps, **inputs).sample
+
+    def fused_parts(self, unet) -> dict[str, list[str]]:
+        """Kohya name → the module paths whose LoRAs one file module holds (one path each, except where the
+        original layout fuses layers the diffusers model keeps apart)."""
+        return {name: [path] for path, name in self.unet_names(unet).items()}
+
+    def metadata(self, config) -> dict:
+        """The family's own `ss_*` keys."""
+        return {}
+
+    def sampler(self, name: str, base_config):
+        """The scheduler a sample is drawn with: the named Kohya sampler configured like the base."""
+        from lorasmith.models.sampling import make_scheduler
+
+        return make_scheduler(name, base_config)
 
     def layers_used(self, index: int, layers: int, clip_skip: int) -> int:
         """How many of text encoder `index`'s `layers` shape the conditioning (the rest need no adapter)."""

@@ -3,7 +3,8 @@
 `tiny` proves the install and the plumbing in seconds (smoke runs, tests); `sd15` is the exact SD1.5
 architecture (860 M UNet parameters) for measuring speed and memory without downloading anything. `tiny-xl` and
 `sdxl` are the same for SDXL base (two text encoders, the size/crop-conditioned UNet; 2.6 G UNet parameters in
-`sdxl`), with CLIP's real tokenizer. None makes a meaningful picture.
+`sdxl`), with CLIP's real tokenizer; `tiny-flux` and `flux-1x2` are Flux.1 (`tiny_flux.py`). None makes a
+meaningful picture.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from lorasmith.models.from_file import sd_scheduler
+from lorasmith.models.tiny_flux import FLUX_SIZES
 
 SIZES = {
     "tiny": dict(
@@ -82,6 +84,10 @@ def build_sd(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if size in FLUX_SIZES:
+        from lorasmith.models.tiny_flux import build_flux
+
+        return build_flux(folder, size, seed)
     spec = SIZES[size]
     if "text_2" in spec:
         return build_sdxl(folder, size, seed)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorasmith.models.base import quiet_libraries
 
     quiet_libraries()
-    return model_cli(argv, "python -m lorasmith.models.tiny", __doc__, SIZES, "model_index.json", build_sd,
+    return model_cli(argv, "python -m lorasmith.models.tiny", __doc__, {**SIZES, **FLUX_SIZES}, "model_index.json", build_sd,
                      "Stable Diffusion")
 
 

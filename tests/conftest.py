@@ -170,3 +170,12 @@ def write_preset(path: Path, model: Path, data: Path, out: Path, **sections: dic
         preset.setdefault(section, {}).update(values)
     path.write_text(toml.dumps(preset), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A random-weight Flux.1 dev folder (two double and two single blocks, tiny CLIP and T5), shared by the
+    session."""
+    from lorasmith.models.tiny import build_sd
+
+    return build_sd(tmp_path_factory.mktemp("tiny-flux"), "tiny-flux")

@@ -71,6 +71,9 @@ def _folder_arch(folder: Path, label: str):
     from lorasmith.train.footprint import Arch
 
     family = inspect_base(str(folder))[0]
+    if family_named(family).denoiser != "unet":
+        raise PreflightError(f"--preflight estimates UNet bases (SD1.x, SD2.x, SDXL); {label} is a "
+                             f"{family_named(family).label} model, which it does not estimate yet")
     read = lambda part: json.loads((folder / part / "config.json").read_text(encoding="utf-8"))  # noqa: E731
     texts = [CLIPTextConfig.from_pretrained(folder, subfolder=part) for part in family_named(family).text_parts]
     return Arch(family, read("unet"), texts, read("vae"), f"{label} (its config.json files)")

@@ -54,11 +54,11 @@ class Conditioner:
         return self.family.unet_inputs(cond, geometry)
 
 
-def check_clip_skip(family: str, config, skip: int) -> None:
+def check_clip_skip(family, config, skip: int) -> None:
     """clip_skip against the family and the text encoder's depth, before anything is cached."""
-    if family == "sdxl" and skip > 1:
-        raise ConfigError(f"training.clip_skip = {skip} does not apply to SDXL, which already takes the penultimate "
-                          "layer of both text encoders: set 1")
+    if family.clip_skip_note and skip > 1:
+        which = family.clip_skip_note.split(" ", 1)[1]  # the note names the family first
+        raise ConfigError(f"training.clip_skip = {skip} does not apply to {family.label}, which {which}: set 1")
     if skip > config.num_hidden_layers:
         raise ConfigError(f"training.clip_skip = {skip} is more than the {config.num_hidden_layers} layers of this "
                           "model's text encoder: use 1 (realistic models) or 2 (anime models)")

@@ -71,7 +71,7 @@ def cache_latents(jobs, vae, cache: LatentCache, load, batch_size: int = 4, devi
         else:
             cache.hits += 1
     todo = [group[i : i + batch_size] for group in missing.values() for i in range(0, len(group), batch_size)]
-    scale = vae.config.scaling_factor
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0  # Flux's VAE is shifted too
     bar = tqdm(total=sum(map(len, todo)), desc="caching latents", unit="img", disable=not progress or not todo)
     for batch in todo:
         pixels = np.stack([np.asarray(load(item, flip), dtype=np.float32) for _, item, flip in batch])
@@ -79,7 +79,7 @@ def cache_latents(jobs, vae, cache: LatentCache, load, batch_size: int = 4, devi
         with torch.inference_mode():
             # The distribution's mode, not a sample: the same picture always gives the same latent, whatever
             # batch it was encoded in (the VAE's variance is tiny for SD's VAE).
-            latents = vae.encode(tensor).latent_dist.mode() * scale
+            latents = (vae.encode(tensor).latent_dist.mode() - shift) * scale
         for (key, _, _), latent in zip(batch, latents):
             cache.put(key, latent.to("cpu", torch.float32).clone())
         bar.update(len(batch))

@@ -68,12 +68,16 @@ def network_options(network) -> dict:
 
 
 def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: int = 0, conv_alpha: float = 1.0,
-                  target: str = "kohya", module: str = "lora", blocks=None, **extra):
+                  target: str = "kohya", module: str = "lora", blocks=None, targets: str | None = None, **extra):
     """Adapters of `module`'s type on the UNet's `target` set; with conv_dim (or for locon) on its
     convolutions too, at conv_dim/conv_alpha for the 3×3 kernels. With `blocks` (a train/blocks.py BlockPlan)
-    each module takes its block's rank and alpha instead, and blocks at rank 0 get no adapter."""
+    each module takes its block's rank and alpha instead, and blocks at rank 0 get no adapter. `targets`, a
+    transformer family's own regex (`ModelFamily.targets`), replaces the UNet's sets."""
     from peft import inject_adapter_in_model
 
+    if targets is not None:
+        config = adapter_config(module, dim, alpha, targets, dropout=dropout, **extra)
+        return _prepared(inject_adapter_in_model(config, unet), module, config)
     if module == "locon" and not conv_dim:
         conv_dim, conv_alpha = dim, alpha
     patterns = dict(rank_pattern={CONV_3X3: conv_dim}, alpha_pattern={CONV_3X3: conv_alpha}) if conv_dim else {}

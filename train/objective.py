@@ -13,6 +13,12 @@ class Objective:
     def timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    def draw(self, latents, generator):
+        """A timestep per picture, uniform over the schedule, drawn from `generator` on the CPU."""
+        import torch
+
+        return torch.randint(0, self.timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+
     def loss(self, unet, latents, inputs: dict, noise, steps):
         """Per-sample MSE of the prediction (ε or v) at `steps`, min-SNR-γ weighted when configured; `inputs` are
         the UNet's conditioning keywords (`Conditioner.unet_inputs`)."""

@@ -55,13 +55,13 @@ class Previews:
 
         from PIL import Image
 
-        from lorasmith.models.sampling import NonFinitePicture, make_scheduler
+        from lorasmith.models.sampling import NonFinitePicture
 
         images = []
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
             for i, prompt in enumerate(prompts):
-                scheduler = make_scheduler(prompt.sampler or self.sampler, self.objective.scheduler.config)
+                scheduler = self.family.sampler(prompt.sampler or self.sampler, self.objective.scheduler.config)
                 positive = self.conditioner.embed([prompt.prompt])
                 negative = self.conditioner.embed([prompt.negative])
                 seed = prompt.seed if prompt.seed is not None else self.seed + i

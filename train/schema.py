@@ -83,6 +83,8 @@ class DatasetConfig:
     max_token_length: Literal[75, 150, 225] = 75
     """Caption tokens the text encoders read (Kohya's max_token_length): 150 or 225 read long captions in chunks
     of 75; the rest of a caption is cut. Tag lists past 75 tokens are common on anime bases."""
+    t5xxl_max_token_length: int = ranged(0, 0, 512, hint="0: 512 for Flux.1 dev, 256 for schnell")
+    """Flux only: T5 tokens each caption is encoded to (Kohya's t5xxl_max_token_length)."""
     validation_split: float = ranged(0.0, 0, 1, high_open=True, hint="e.g. 0.1 holds out 10 %")
     """Fraction of the pictures held out of training to measure a validation loss each epoch (0 = none)."""
 
@@ -168,6 +170,14 @@ class TrainingConfig:
     noise_offset: float = ranged(0.0, 0, 1, hint="0.05-0.1 is usual")
     min_snr_gamma: float = ranged(0.0, 0, hint="0 is off; 5 is the paper's value")
     gradient_checkpointing: bool = False
+    timestep_sampling: Literal["uniform", "sigmoid", "shift", "flux_shift"] = "shift"
+    """Flux only: how noise levels σ are drawn (Kohya's --timestep_sampling; train/flow.py)."""
+    sigmoid_scale: float = ranged(1.0, 0, low_open=True)
+    """Flux only: the spread of the sigmoid draw; larger is closer to uniform."""
+    discrete_flow_shift: float = ranged(3.1582, 0, low_open=True)
+    """Flux only: `shift`'s push towards noise (Kohya's recommended 3.1582 for Flux.1 dev)."""
+    guidance_scale: float = ranged(1.0, 0)
+    """Flux.1 dev only: the guidance input during training (1.0, as Kohya recommends for LoRAs)."""
     zero_terminal_snr: bool | Literal["auto"] = "auto"
     """Rescale the noise schedule so its last step is pure noise (Lin et al. 2024, "Common Diffusion Noise
     Schedules and Sample Steps are Flawed"); v-prediction only. auto: as the base declares it (a single file's

@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith.models.base import declared_schedule, inspect_base
+from lorasmith.models.base import configure_family, declared_schedule, inspect_base
 from lorasmith.models.families import FAMILIES, family_named
 from lorasmith.train.config import Config
 from lorasmith.train.conditioning import Conditioner, check_clip_skip
 from lorasmith.train.dataset import Dataset, epoch_batches, load_pixels, process_caption
 from lorasmith.train.events import NonFiniteLoss, RunEvents
+from lorasmith.train.flow_checks import check_flow_preset
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
 from lorasmith.train.objective import Objective, noise_schedule
 from lorasmith.train.plan import Plan, closes_window
@@ -84,12 +85,20 @@ class Trainer(RunEvents):
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         family, text_config = inspect_base(self.config.model.pretrained_model)
-        check_clip_skip(family, text_config, t.clip_skip)
         self.family = family_named(family)
+        check_clip_skip(self.family, text_config, t.clip_skip)
+        check_flow_preset(self.family, self.config)
+        configure_family(self.family, self.config.model.pretrained_model)
         self.loss_band = self.family.healthy_band(text_config)
         parts = self._load(*self.family.tokenizer_parts, "scheduler")
         self.conditioner = Conditioner(self.family, [getattr(parts, name) for name in self.family.tokenizer_parts],
-                                       t.clip_skip, self.device, self.weight_dtype, self.config.dataset.max_token_length)
+                                       t.clip_skip, self.device, self.weight_dtype,
+                                       self.family.text_length(self.config.dataset))
+        if self.family.objective == "flow":
+            from lorasmith.train.flow import FlowObjective
+
+            self.objective = FlowObjective(parts.scheduler, self.family, t)
+            return
         schedule, note = noise_schedule(parts.scheduler, self.config.model, t, declared_schedule(parts),
                                         Path(self.config.model.pretrained_model.rstrip("/")).name)
         if note and self.accelerator.is_main_process:
@@ -152,6 +161,7 @@ class Trainer(RunEvents):
 
     def load_unet(self) -> None:
         self.unet = self._load("unet").unet
+        self.family.configure(self.unet.config)
 
     def _key(self, item, flip: bool) -> str:
         return latent_key(item.content, item.bucket, flip, self.vae_id)
@@ -171,10 +181,10 @@ class Trainer(RunEvents):
         torch.manual_seed(t.seed)  # the same adapter initialisation on every process
         options = network_options(n)
         add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
-                      n.network_target, blocks=blocks, **options)
+                      n.network_target, blocks=blocks, targets=self.family.targets(n.network_target), **options)
         freeze_base(self.unet)
         groups = unet_param_groups(self.unet, o.unet_lr or o.learning_rate, blocks)
-        texts = self.conditioner.encoders if self.train_text else []
+        texts = self.trained_texts()
         for index, encoder in enumerate(texts):
             used = self.family.layers_used(index, encoder.config.num_hidden_layers, t.clip_skip)
             add_text_lora(encoder, n.network_dim, n.network_alpha, n.network_dropout, used, **options)
@@ -203,8 +213,12 @@ class Trainer(RunEvents):
                                             self.plan.total_steps, self.config.schedule.lr_scheduler_num_cycles)
         self.unet, *prepared, self.optimizer = self.accelerator.prepare(self.unet, *texts, optimizer)
         if texts:
-            self.conditioner.encoders = prepared
+            self.conditioner.encoders = prepared + self.conditioner.encoders[len(prepared):]
         self.adapted = {"unet": self.unet, **dict(zip(self.family.text_parts, prepared))}
+
+    def trained_texts(self) -> list:
+        """The text encoders that take adapters: none when they stay frozen, else the family's share of them."""
+        return self.conditioner.encoders[: self.family.trained_texts] if self.train_text else []
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> Result:
@@ -222,8 +236,9 @@ class Trainer(RunEvents):
         # Modes set here, not inherited: peft's adapter dropouts are created in training mode inside a model
         # loaded in eval mode, so a fresh and a resumed run would otherwise differ in which dropouts are on.
         self.unet.train()
+        trained = self.trained_texts()
         for encoder in self.conditioner.encoders:
-            encoder.train(self.train_text)
+            encoder.train(any(encoder is e for e in trained))
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="train-lora", unit="step", file=sys.stderr,
                    disable=not self.progress or not self.accelerator.is_main_process)
         self.open_log()
@@ -268,7 +283,7 @@ class Trainer(RunEvents):
         self.result.unet = self.accelerator.unwrap_model(self.unet)
         self.result.family = self.family
         if self.train_text:
-            self.result.text_encoders = [self.accelerator.unwrap_model(e) for e in self.conditioner.encoders]
+            self.result.text_encoders = [self.accelerator.unwrap_model(e) for e in self.trained_texts()]
             self.result.text_encoder = self.result.text_encoders[0]
         return self.result
 
@@ -312,7 +327,7 @@ class Trainer(RunEvents):
         if self.config.training.noise_offset:
             noise += self.config.training.noise_offset * torch.randn((*latents.shape[:2], 1, 1),
                                                                      generator=self.generator).to(noise)
-        steps = torch.randint(0, self.objective.timesteps, (len(batch),), generator=self.generator).to(self.device)
+        steps = self.objective.draw(latents, self.generator)
         loss = self.objective.loss(self.unet, latents, inputs, noise, steps)
         reg = torch.tensor([d.prior_loss_weight if i.is_reg else 1.0 for i in batch], device=loss.device)
         return (loss * reg).mean()
@@ -343,7 +358,7 @@ class Trainer(RunEvents):
         o = self.config.output
         name = f"{o.output_name}.safetensors" if final else f"{o.output_name}-{epoch:06d}.safetensors"
         unet = self.accelerator.unwrap_model(self.unet)
-        texts = [self.accelerator.unwrap_model(e) for e in self.conditioner.encoders] if self.train_text else None
+        texts = [self.accelerator.unwrap_model(e) for e in self.trained_texts()] if self.train_text else None
         tensors = kohya_state_dict(unet, texts, getattr(torch, SAVE_DTYPES[o.save_precision]), self.family)
         metadata = kohya_metadata(self.config, self.plan, self.dataset, epoch, step, self.started,
                                   self.objective.prediction, self.run_id, self.family,

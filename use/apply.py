@@ -17,7 +17,7 @@ from lorasmith.lorafile.read import FAMILY_BY_CONTEXT, Lora, LoraError, family_h
 @dataclass(frozen=True)
 class Layer:
     component: str
-    """The pipeline part: `unet` or `text_encoder`."""
+    """The pipeline part: `unet`, `transformer` (Flux) or `text_encoder`."""
     path: str
     """Its module path inside that part."""
     shape: tuple[int, ...]
@@ -32,7 +32,14 @@ def layer_table(unet, text_encoder=None, aliases: bool = True, text_encoder_2=No
     from functools import partial
 
     table = {}
-    parts = [("unet", unet, lambda p: "lora_unet_" + p.replace(".", "_"))]
+    flux = hasattr(unet, "single_transformer_blocks")
+    if flux:  # BFL's names, a fused module's parts as `name:part` (see `split_fused`)
+        from lorasmith.models.family_flux import layer_key
+
+        parts = [("transformer", unet, layer_key)]
+        aliases = False
+    else:
+        parts = [("unet", unet, lambda p: "lora_unet_" + p.replace(".", "_"))]
     if text_encoder is not None:
         parts.append(("text_encoder", text_encoder,
                       partial(text_key, prefix="lora_te1") if text_encoder_2 is not None else text_key))
@@ -69,6 +76,30 @@ def _original_aliases(unet, table: dict[str, Layer]) -> dict[str, Layer]:
     return aliases
 
 
+def split_fused(lora: Lora, table: dict[str, Layer]) -> Lora:
+    """`lora` with each module that a fused layer of the file's layout holds (Flux's `…_img_attn_qkv`, q, k and v
+    in one weight) split into one module per layer of the model: the same down, the up's rows of that layer,
+    the same alpha, so each layer's ΔW is exactly its rows of the fused ΔW."""
+    from dataclasses import replace
+
+    modules = {}
+    for key, module in lora.modules.items():
+        if key in table or f"{key}:0" not in table:
+            modules[key] = module
+            continue
+        rows = []
+        while f"{key}:{len(rows)}" in table:
+            rows.append(table[f"{key}:{len(rows)}"].shape[0])
+        if sum(rows) != module.up.shape[0]:
+            modules[key] = module  # the wrong shape: bind names it
+            continue
+        start = 0
+        for i, count in enumerate(rows):
+            modules[f"{key}:{i}"] = replace(module, up=module.up[start : start + count])
+            start += count
+    return replace(lora, modules=modules)
+
+
 def model_family(table: dict[str, Layer]) -> str:
     width = next((layer.shape[1] for key, layer in table.items() if key.endswith("attn2_to_k")), 0)
     return FAMILY_BY_CONTEXT.get(width, "")
@@ -92,7 +123,7 @@ def _same_shape(file: tuple[int, ...], layer: tuple[int, ...]) -> bool:
 
 def unknown_names(lora: Lora, table: dict[str, Layer]) -> list[str]:
     """The file's modules that name no layer of `table`, UNet modules first (as `bind` reports them)."""
-    missing = [k for k in lora.modules if _rename(k, table) not in table]
+    missing = [k for k in lora.modules if _rename(k, table) not in table and f"{k}:0" not in table]
     return sorted(missing, key=lambda k: not k.startswith("lora_unet_"))
 
 
@@ -144,8 +175,10 @@ def peft_state_dict(lora: Lora, bound: dict[str, Layer]) -> dict:
 
 def load_adapters(pipe, loras: dict[str, Lora]) -> None:
     """Every file as a named adapter of `pipe`, checked first, so a bad file changes nothing."""
-    table = layer_table(pipe.unet, pipe.text_encoder, text_encoder_2=getattr(pipe, "text_encoder_2", None))
-    states = {name: peft_state_dict(lora, bind(lora, table)) for name, lora in loras.items()}
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    table = layer_table(denoiser, pipe.text_encoder, text_encoder_2=getattr(pipe, "text_encoder_2", None))
+    split = {name: split_fused(lora, table) for name, lora in loras.items()}
+    states = {name: peft_state_dict(lora, bind(lora, table)) for name, lora in split.items()}
     for name, state in states.items():
         pipe.load_lora_weights(state, adapter_name=name)
 
@@ -165,8 +198,11 @@ def merge_into(models: dict, loras: list[tuple[Lora, float]]) -> int:
     the number of layers changed. All files are checked before the first weight changes."""
     import torch
 
-    table = layer_table(models["unet"], models.get("text_encoder"), text_encoder_2=models.get("text_encoder_2"))
-    plans = [(lora, weight, bind(lora, table)) for lora, weight in loras]
+    denoiser = models.get("unet") or models["transformer"]
+    models = {**models, "transformer": denoiser}
+    table = layer_table(denoiser, models.get("text_encoder"), text_encoder_2=models.get("text_encoder_2"))
+    plans = [(lora, weight, bind(lora, table)) for lora, weight in
+             ((split_fused(lora, table), weight) for lora, weight in loras)]
     changed = set()
     with torch.no_grad():
         for lora, weight, bound in plans:

@@ -43,7 +43,7 @@ def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
     alphas, names no layer of the base model has."""
     import torch
 
-    from lorasmith.use.apply import bind
+    from lorasmith.use.apply import bind, split_fused
     from lorasmith.lorafile.read import LoraError
 
     problems = []
@@ -65,7 +65,7 @@ def health(lora: Lora, table=None, base: str = "this base model") -> list[str]:
             problems.append(f"{len(missing)} modules have no .alpha; loaders then use alpha = rank (e.g. {missing[0]})")
     if table is not None:
         try:
-            bind(lora, table, base)
+            bind(split_fused(lora, table), table, base)
         except LoraError as exc:
             problems.append(str(exc))
     return problems

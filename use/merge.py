@@ -14,7 +14,7 @@ from pathlib import Path
 from lorasmith.lorafile.export import save_lora
 from lorasmith.models.families import family_named
 from lorasmith.lorafile.metadata import model_name
-from lorasmith.lorafile.read import Lora, kohya_tensors
+from lorasmith.lorafile.read import Lora, LoraError, kohya_tensors
 from lorasmith.use.lowrank import Kept
 from lorasmith.use.outputs import MARKER, swap_in
 
@@ -75,12 +75,15 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
     quiet_libraries()
     name = resolve_name(model)[0]
     family = family_named(inspect_base(name)[0])
-    extra = family.tokenizer_parts[1:] + family.text_parts[1:]  # SDXL's second encoder and its tokenizer
+    if family.denoiser != "unet" and fmt != "diffusers":
+        raise LoraError(f"{Path(name).name} is a {family.label} model, which lora merge writes as a diffusers folder "
+                        "so far: add --format diffusers")
+    extra = family.tokenizer_parts[1:] + family.text_parts[1:]  # SDXL's and Flux's second encoder, its tokenizer
     parts = load_components(name, BASE_PARTS + extra, families=FAMILIES)
     changed = merge_into({"unet": parts.unet, **{p: getattr(parts, p) for p in family.text_parts}}, loras)
-    metadata = checkpoint_metadata(model, loras, family, parts.scheduler.config.prediction_type, out)
+    metadata = checkpoint_metadata(model, loras, family, parts.scheduler.config.get("prediction_type", ""), out)
     if fmt == "diffusers":
-        return write_folder(parts, out, metadata, dtype), changed
+        return write_folder(parts, out, metadata, dtype, family), changed
     from lorasmith.models.checkpoint import original_state_dict, save_checkpoint
 
     state = original_state_dict(parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2)
@@ -95,7 +98,7 @@ def checkpoint_metadata(model: str, loras: list[tuple[Lora, float]], family, pre
     return {"lorasmith_base_model": model_name(model), "lorasmith_merged_loras": inputs_metadata(loras),
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": family.architecture(prediction_type)[1].removesuffix("/lora"),
-            "modelspec.prediction_type": prediction_type, "modelspec.title": out.stem}
+            **({"modelspec.prediction_type": prediction_type} if prediction_type else {}), "modelspec.title": out.stem}
 
 
 def identity_keys(scheduler_config) -> dict:
@@ -113,7 +116,7 @@ def identity_keys(scheduler_config) -> dict:
     return keys
 
 
-def write_folder(parts, out: Path, metadata: dict[str, str], dtype=None) -> Path:
+def write_folder(parts, out: Path, metadata: dict[str, str], dtype=None, family=None) -> Path:
     """The merged parts as a diffusers folder, built beside `out` and swapped in whole, with the metadata in
     lorasmith's marker file (which later lets `--overwrite` replace it)."""
     from lorasmith.models.tiny import save_pipeline
@@ -124,8 +127,11 @@ def write_folder(parts, out: Path, metadata: dict[str, str], dtype=None) -> Path
         for part in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
             if part is not None and dtype is not None and part.dtype != dtype:
                 part.to(dtype)
-        save_pipeline(staging, parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler,
-                      parts.tokenizer_2, parts.text_encoder_2)
+        if family is not None and family.denoiser != "unet":  # Flux: the pipeline's own layout
+            family.pipeline(parts).save_pretrained(staging)
+        else:
+            save_pipeline(staging, parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler,
+                          parts.tokenizer_2, parts.text_encoder_2)
         (staging / MARKER).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         swap_in(staging, out)
     finally:

@@ -100,10 +100,8 @@ class Renderer:
             self.scheduler(name)
 
     def scheduler(self, name: str):
-        from lorasmith.models.sampling import make_scheduler
-
         if name not in self._schedulers:
-            self._schedulers[name] = make_scheduler(name, self.base_config)
+            self._schedulers[name] = self.family.sampler(name, self.base_config)
         return self._schedulers[name]
 
     def embeddings(self, prompt: Prompt) -> tuple[dict, dict]:
@@ -113,6 +111,10 @@ class Renderer:
         from lorasmith.use.weights import encode_conditioning
 
         with torch.no_grad():
+            if self.family.prompt_tokens:  # T5 reads the whole prompt; no emphasis, no negative prompt
+                positive = self.family.encode(self.tokenizers, self.encoders, [prompt.prompt], 1,
+                                              self.family.prompt_tokens)
+                return positive, positive
             return encode_conditioning(self.family, self.tokenizers, self.encoders, prompt.prompt, prompt.negative,
                                        self.clip_skip)
 
@@ -139,8 +141,8 @@ class Renderer:
                 return self.round_trip(init)
             positive, negative = self.embeddings(prompt)
             if init is None or strength >= 1:
-                return self.family.render(self.pipe.unet, self.pipe.vae, scheduler, positive, negative, prompt,
-                                          seed, self.device, self.geometry(prompt))
+                return self.family.render(getattr(self.pipe, self.family.denoiser), self.pipe.vae, scheduler,
+                                          positive, negative, prompt, seed, self.device, self.geometry(prompt))
             return self.family.render_img2img(self.pipe.components, scheduler, positive, negative, prompt, seed,
                                               self.device, init, strength, self.geometry(prompt))
 

@@ -1,0 +1,208 @@
+"""train-lora on Flux.1: the flow-matching objective and its σ draws against hand computation; a tiny Flux (built
+from configs in the test) trained with CLIP-L, samples and validation; the file in Kohya's Flux names, loaded by
+diffusers' FluxPipeline as trained; a full-width single block, whose fused layout diffusers only reads at 3072
+wide; SIGKILL and resume."""
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import small_dataset, write_preset
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("sigma, method, shift, patches, expected", [
+    (0.5, "shift", 3.0, 1024, 0.75),                                   # 1.5 / (1 + 2·0.5)
+    (0.25, "shift", 3.1582, 1024, 0.25 * 3.1582 / (1 + 2.1582 * 0.25)),
+    (0.5, "flux_shift", 3.0, 256, math.exp(0.5) / (math.exp(0.5) + 1)),  # μ = 0.5 at 256 patches
+    (0.5, "flux_shift", 3.0, 4096, math.exp(1.15) / (math.exp(1.15) + 1)),  # μ = 1.15 at 4096
+    (0.2, "flux_shift", 3.0, 1024, math.exp(0.63) / (math.exp(0.63) + 4)),  # μ = 0.5 + 0.65·768/3840
+    (0.3, "sigmoid", 3.0, 1024, 0.3),
+])
+def test_sigma_shifts_match_hand_computation(sigma, method, shift, patches, expected):
+    from lorasmith.train.flow import shift_sigmas
+
+    assert float(shift_sigmas(torch.tensor(sigma, dtype=torch.float64), method, shift, patches)) == \
+        pytest.approx(expected, rel=1e-9)
+
+
+class Recorder:
+    """A family stand-in whose denoiser predicts zeros and remembers what it was given."""
+
+    guided = True
+
+    def predict(self, model, noisy, timesteps, inputs):
+        self.seen = (noisy, timesteps, inputs)
+        return torch.zeros_like(noisy)
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "shift", "flux_shift"])
+def test_flow_draw_noisy_input_and_target_match_hand_computation(method):
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lorasmith.train.flow import FlowObjective
+
+    training = SimpleNamespace(timestep_sampling=method, sigmoid_scale=1.3, discrete_flow_shift=3.0,
+                               guidance_scale=3.5)
+    family = Recorder()
+    objective = FlowObjective(FlowMatchEulerDiscreteScheduler(), family, training)
+    latents = torch.randn(3, 16, 8, 12, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(3, 16, 8, 12, generator=torch.Generator().manual_seed(2))
+    steps = objective.draw(latents, torch.Generator().manual_seed(5))
+    s = torch.sigmoid(1.3 * torch.randn(3, generator=torch.Generator().manual_seed(5)))
+    if method == "shift":
+        s = 3 * s / (1 + 2 * s)
+    elif method == "flux_shift":  # 4 × 6 = 24 patches: μ = 0.5 + 0.65 · (24 − 256) / 3840
+        mu = math.exp(0.5 + 0.65 * (24 - 256) / 3840)
+        s = mu / (mu + 1 / s - 1)
+    torch.testing.assert_close(steps, s * 1000)
+    loss = objective.loss(None, latents, {"encoder_hidden_states": None}, noise, steps)
+    noisy, seen_steps, inputs = family.seen
+    sigma = (steps / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - sigma) * latents + sigma * noise)
+    assert torch.equal(seen_steps, steps) and inputs["guidance"].tolist() == [3.5] * 3
+    # the prediction is zero, so the loss is the mean square of the velocity ε − x
+    torch.testing.assert_close(loss, ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
+
+
+@pytest.fixture(scope="module")
+def flux_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    data = small_dataset(root / "data", images=4, repeats=4, size=(96, 64))
+    (root / "prompts.txt").write_text("claymation style, a blob --w 64 --h 64 --s 2 --l 3.5\n", encoding="utf-8")
+    return data, root / "prompts.txt"
+
+
+def preset(root: Path, model: Path, data: Path, **sections) -> Path:
+    sections["dataset"] = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128,
+                           "t5xxl_max_token_length": 32, **sections.get("dataset", {})}
+    return write_preset(root / "p.toml", model, data, root / "out", **sections)
+
+
+def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, flux_data, tmp_path):
+    """CLIP-L trained, a held-out picture, samples: every fused BFL layer is one module holding its parts side by
+    side; diffusers' FluxPipeline.load_lora_weights of the file gives every adapted layer of the live model (the
+    double blocks and CLIP-L) within 1e-5. (diffusers reads single blocks only at Flux's real width: the next
+    test.)"""
+    from diffusers import FluxPipeline
+
+    from lorasmith.train.config import load_config
+    from lorasmith.train.trainer import run
+
+    data, prompts = flux_data
+    path = preset(tmp_path, tiny_flux, data, dataset={"validation_split": 0.25},
+                  optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
+                  sample={"sample_prompts": str(prompts), "sample_every_n_steps": 4})
+    result, _ = run(load_config(path), progress=False, log=lambda message: None)
+    file = tmp_path / "out" / "test.safetensors"
+    with safe_open(str(file), "pt") as handle:
+        keys, meta = list(handle.keys()), handle.metadata()
+        qkv = handle.get_tensor("lora_unet_double_blocks_1_img_attn_qkv.lora_up.weight")
+        linear1 = handle.get_tensor("lora_unet_single_blocks_1_linear1.lora_down.weight")
+        alpha = float(handle.get_tensor("lora_unet_single_blocks_1_linear1.alpha"))
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    per_block = {"img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "img_mod_lin", "txt_attn_qkv",
+                 "txt_attn_proj", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin"}
+    expected = {f"lora_unet_double_blocks_{i}_{m}" for i in range(2) for m in per_block}
+    expected |= {f"lora_unet_single_blocks_{i}_{m}" for i in range(2) for m in ("linear1", "linear2", "modulation_lin")}
+    assert {m for m in modules if m.startswith("lora_unet_")} == expected
+    assert any(m.startswith("lora_te1_text_model_encoder_layers_1_") for m in modules)
+    assert not any(m.startswith(("lora_te2", "lora_te3")) for m in modules)  # T5 stays frozen
+    # q, k, v stacked: rank 3·4, up block-diagonal (96 rows = 3 × 32); linear1 holds q, k, v and the MLP's input
+    assert qkv.shape == (96, 12) and not qkv[:32, 4:].any() and not qkv[32:64, :4].any()
+    assert linear1.shape == (16, 32) and alpha == 2 * 4  # alpha / rank stays 2 / 4 over the summed rank 16
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["ss_guidance_scale"]) == (
+        "flux1", "flux-1-dev/lora", "1.0")
+    assert len(result.validation) >= 1 and len(list((tmp_path / "out" / "test.samples").glob("*-grid.png"))) == 1
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights({k: v for k, v in load_file(str(file)).items() if "single_blocks" not in k})
+    live, clip = result.unet.eval(), result.text_encoders[0].eval()
+    theirs = dict(pipe.transformer.named_modules())
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compared = 0
+        for name, module in live.named_modules():
+            if name.startswith("transformer_blocks.") and hasattr(module, "lora_A"):
+                inputs = x[:, : module.in_features]
+                torch.testing.assert_close(module(inputs), theirs[name](inputs), atol=1e-5, rtol=0)
+                assert (module(inputs) - module.base_layer(inputs)).abs().max() > 1e-4
+                compared += 1
+        assert compared == 2 * 14
+        ids = pipe.tokenizer(["claymation style, a blob"], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        torch.testing.assert_close(clip(ids).pooler_output, pipe.text_encoder(ids).pooler_output, atol=1e-5, rtol=0)
+
+
+def test_a_full_width_single_block_loads_in_diffusers_as_trained():
+    """At Flux.1's width (3072, MLP 12288) diffusers splits `linear1` back into q, k, v and the MLP input: the
+    loaded transformer gives the live one's output within 1e-5, and not the base's."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from lorasmith.lorafile.export import kohya_state_dict
+    from lorasmith.models.families import family_named
+    from lorasmith.train.network import add_unet_lora
+
+    flux = family_named("flux")
+    config = dict(patch_size=1, in_channels=64, num_layers=0, num_single_layers=1, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+                  axes_dims_rope=(16, 56, 56))
+    torch.manual_seed(0)
+    live = FluxTransformer2DModel(**config)
+    base = FluxTransformer2DModel(**config)
+    base.load_state_dict(live.state_dict())
+    add_unet_lora(live, 4, 2.0, targets=flux.targets("kohya"))
+    generator = torch.Generator().manual_seed(3)
+    for name, param in live.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.01
+    loaded = FluxTransformer2DModel(**config)
+    loaded.load_state_dict(base.state_dict())
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=loaded)
+    tensors = kohya_state_dict(live, None, torch.float32, flux)
+    assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 3072 + 12288, 16)
+    pipe.load_lora_weights(tensors)
+    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=generator), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=generator),
+                  pooled_projections=torch.randn(1, 32, generator=generator), txt_ids=torch.zeros(8, 3),
+                  img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32))
+    with torch.no_grad():
+        ours = live(**inputs).sample
+        torch.testing.assert_close(ours, pipe.transformer(**inputs).sample, atol=1e-5, rtol=0)
+        assert (ours - base(**inputs).sample).abs().max() > 1e-4
+
+
+def test_flux_sigkill_then_resume_gives_the_same_lora(tiny_flux, flux_data, tmp_path):
+    """Killed (SIGKILL) once its step-3 row is logged, then resumed: the LoRA equals the uninterrupted run's."""
+    from test_train_resume import finish, same_lora, wait_for_step
+
+    data, _ = flux_data
+    path = preset(tmp_path, tiny_flux, data, training={"max_train_steps": 6, "train_batch_size": 1},
+                  output={"save_state_every_n_steps": 1, "save_last_n_states": 2})
+
+    def train(out, *extra):
+        return subprocess.Popen([str(BIN / "train-lora"), str(path), "--quiet", "--set", f"output.output_dir={out}",
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    code, err = finish(train(tmp_path / "reference"))
+    assert code == 0, err[-3000:]
+    out = tmp_path / "out"
+    process = train(out)
+    wait_for_step(out, 3, process)
+    process.kill()
+    process.wait()
+    code, err = finish(train(out, "--resume", "auto"))
+    assert code == 0 and "resumed from" in err, err[-3000:]
+    same_lora(out / "test.safetensors", tmp_path / "reference" / "test.safetensors")
+    shutil.rmtree(out / "test.state")

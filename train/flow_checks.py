@@ -1,0 +1,32 @@
+"""Preset keys a flow-matching family (Flux.1) cannot honour, refused in one sentence each before anything loads:
+they belong to UNet bases and ε/v-prediction schedules, and silently ignoring them would train something else
+than the preset says."""
+
+from __future__ import annotations
+
+from lorasmith.train.schema import ConfigError
+
+
+def check_flow_preset(family, config) -> None:
+    """Nothing for a diffusion family; a ConfigError naming the first key that does not apply to `family`."""
+    if family.objective != "flow":
+        return
+    from lorasmith.train.blocks import BLOCK_KEYS
+
+    n, t, m = config.network, config.training, config.model
+    label = family.label
+    if n.network_module != "lora":
+        raise ConfigError(f'network.network_module = "{n.network_module}" is not available for {label} yet: use "lora"')
+    if n.conv_dim:
+        raise ConfigError(f"network.conv_dim = {n.conv_dim}: {label}'s transformer has no convolutions; set 0")
+    for key in BLOCK_KEYS:
+        if getattr(n, key) not in ([], "", None):
+            raise ConfigError(f"network.{key} is a UNet block setting; {label} has double and single blocks, which "
+                              "it does not describe: remove the key")
+    if t.min_snr_gamma:
+        raise ConfigError(f"training.min_snr_gamma = {t.min_snr_gamma:g} weights ε/v-prediction losses; {label} "
+                          "trains by flow matching (training.timestep_sampling shapes its noise levels): set 0")
+    if m.v_parameterization or m.prediction_type != "auto" or t.zero_terminal_snr is True:
+        key = ("model.v_parameterization" if m.v_parameterization else "model.prediction_type"
+               if m.prediction_type != "auto" else "training.zero_terminal_snr")
+        raise ConfigError(f"{key} is for ε/v-prediction bases; {label} predicts a flow velocity: remove the key")
