@@ -15,6 +15,12 @@ parameters, both text encoders) at 512 px, batch 1, rank 16, gradient checkpoint
 reference loop is diffusers' train_text_to_image_lora_sdxl.py reduced the same way: both encoders run every
 step, as there).
 
+--flux measures Flux.1 instead: (d) the tiny Flux (two double and two single blocks, 32 wide) and (e) a
+reduced-depth full-width Flux (models/tiny_flux.py `flux-1x2`: one double and two single blocks at Flux.1-dev's
+width 3072, 0.65 G transformer parameters) at 128 px, batch 1, rank 16 on Kohya's Flux module set, T5 read to 128
+tokens, text outputs cached by both, against diffusers' train_dreambooth_lora_flux.py reduced to its loop with
+the same modules (its --lora_layers) and its defaults otherwise (uniform σ, guidance 3.5 input).
+
 --overhead measures what the batch-job features cost instead: the same run plain (no states, samples or
 validation) and as a batch job (a state every 2 steps, 2 sampling events of one 256×256 prompt at 8
 steps, a held-out picture), interleaved; then a resume from the last state. Reported: seconds per state
@@ -36,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from measure import measure  # noqa: E402
 
 BIN = Path(sys.executable).parent
-RANK, SIZE, XL_SIZE = 16, 256, 512
+RANK, SIZE, XL_SIZE, FLUX_SIZE, FLUX_TOKENS = 16, 256, 512, 128, 128
 
 
 def make_data(root: Path, count: int = 6, size: int = SIZE) -> Path:
@@ -53,8 +59,9 @@ def make_data(root: Path, count: int = 6, size: int = SIZE) -> Path:
 
 
 def write_preset(path: Path, model: Path, data: Path, out: Path, steps: int, checkpointing: bool = False,
-                 size: int = SIZE) -> Path:
-    path.write_text(f"""config_version = 1
+                 size: int = SIZE, extra: dict[str, str] | None = None) -> Path:
+    """`extra`: lines added under a section header, e.g. {"training": 'guidance_scale = 3.5'}."""
+    text = f"""config_version = 1
 [model]
 pretrained_model = "{model}"
 [dataset]
@@ -73,7 +80,10 @@ gradient_checkpointing = {str(checkpointing).lower()}
 [output]
 output_dir = "{out}"
 output_name = "bench"
-""", encoding="utf-8")
+"""
+    for section, lines in (extra or {}).items():
+        text = text.replace(f"[{section}]\n", f"[{section}]\n{lines}\n")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -191,6 +201,71 @@ def reference_xl(model: str, data: str, steps: int, checkpointing: bool) -> None
     print(f"STEP_SECONDS {(time.perf_counter() - start) / steps:.4f}")
 
 
+def reference_flux(model: str, data: str, steps: int) -> None:
+    """diffusers' train_dreambooth_lora_flux.py reduced to its loop: σ drawn uniformly from the scheduler's
+    timesteps (weighting_scheme "none"), latents shifted and scaled, packed into 2×2 patches, guidance 3.5 for
+    dev, velocity target; prompt embeddings computed once per caption, as its cached-embeddings path does."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from peft import LoraConfig
+    from PIL import Image
+
+    from lorasmith.models.family_flux import TARGETS
+
+    torch.manual_seed(0)
+    pipe = FluxPipeline.from_pretrained(model, transformer=None, vae=None)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+    for m in (transformer, vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                       target_modules=f"^{TARGETS['kohya']}$"))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    images = sorted(Path(data, "1_bench").glob("*.png"))
+    latents, prompts = [], []
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    with torch.no_grad():
+        for path in images:
+            pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype="float32"))
+            pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
+            latents.append((vae.encode(pixels).latent_dist.sample() - shift) * scale)
+            embeds, pooled, text_ids = pipe.encode_prompt(path.with_suffix(".txt").read_text(), None,
+                                                          max_sequence_length=FLUX_TOKENS)
+            prompts.append((embeds, pooled, text_ids))
+    transformer.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        i = step % len(latents)
+        x = latents[i]
+        b, c, h, w = x.shape
+        noise = torch.randn_like(x)
+        u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=b)
+        timesteps = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
+        sigmas = scheduler.sigmas[[(scheduler.timesteps == t).nonzero().item() for t in timesteps]].view(-1, 1, 1, 1)
+        noisy = (1 - sigmas) * x + sigmas * noise
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        guidance = torch.full((b,), 3.5) if transformer.config.guidance_embeds else None
+        embeds, pooled, text_ids = prompts[i]
+        prediction = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                 img_ids=image_ids, return_dict=False)[0]
+        prediction = FluxPipeline._unpack_latents(prediction, h * 8, w * 8, 8)
+        loss = ((prediction.float() - (noise - x).float()) ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    print(f"STEP_SECONDS {(time.perf_counter() - start) / steps:.4f}")
+
+
 def ours_step_seconds(stdout: str, steps: int) -> float:
     match = re.search(r"train ([\d.]+) s", stdout)
     return float(match.group(1)) / steps if match else float("nan")
@@ -198,6 +273,14 @@ def ours_step_seconds(stdout: str, steps: int) -> float:
 
 def bench(name: str, model: Path, root: Path, rounds: int, steps: int, checkpointing: bool) -> None:
     data = root / "data"
+    if name in ("tiny-flux", "flux-1x2"):
+        extra = {"dataset": f"t5xxl_max_token_length = {FLUX_TOKENS}",  # the reference's settings
+                 "training": 'guidance_scale = 3.5\ntimestep_sampling = "uniform"'}
+        preset = write_preset(root / f"{name}.toml", model, data, root / "out", steps, False, FLUX_SIZE, extra)
+        contenders = {"train-lora": [str(BIN / "train-lora"), str(preset), "--quiet"],
+                      "reference loop": [sys.executable, __file__, "--child-reference-flux", str(model), str(data),
+                                         str(steps)]}
+        return compare(name, contenders, rounds, steps)
     if name == "sdxl":  # gradient checkpointing in both: without it SDXL's activations at 512 px crowd 24 GiB
         preset = write_preset(root / f"{name}.toml", model, data, root / "out", steps, True, XL_SIZE)
         contenders = {"train-lora +GC": [str(BIN / "train-lora"), str(preset), "--quiet"],
@@ -326,15 +409,20 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="also time train-lora with gradient checkpointing")
     parser.add_argument("--overhead", action="store_true", help="measure states, samples and validation instead")
     parser.add_argument("--sdxl", action="store_true", help="measure the SDXL-architecture model (c) only")
+    parser.add_argument("--flux", action="store_true", help="measure the tiny and the reduced-depth full-width Flux")
     parser.add_argument("--types", action="store_true", help="compare network types on the SD1.5 architecture")
     parser.add_argument("--modules", default=",".join(TYPES),
                         help="with --types: the types to compare (lora always runs, as the baseline)")
     parser.add_argument("--child-reference", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-reference-xl", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-reference-flux", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-run", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_run:
         child_run(*args.child_run)
+        return
+    if args.child_reference_flux:
+        reference_flux(args.child_reference_flux[0], args.child_reference_flux[1], int(args.child_reference_flux[2]))
         return
     if args.child_reference_xl:
         reference_xl(args.child_reference_xl[0], args.child_reference_xl[1], int(args.child_reference_xl[2]), True)
@@ -348,14 +436,14 @@ def main() -> None:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_data(root / "data", size=XL_SIZE if args.sdxl else SIZE)
-        sizes = (["sdxl"] if args.sdxl else ["sd15"] if args.only_sd15 or args.types else ["tiny"] if args.skip_sd15
+        make_data(root / "data", size=XL_SIZE if args.sdxl else FLUX_SIZE if args.flux else SIZE)
+        sizes = (["tiny-flux", "flux-1x2"] if args.flux else ["sdxl"] if args.sdxl else ["sd15"] if args.only_sd15 or args.types else ["tiny"] if args.skip_sd15
                  else ["tiny", "sd15"])
         for size in sizes:
             start = time.perf_counter()
             model = build_sd(root / f"model-{size}", size)
             print(f"built random-weight {size} model in {time.perf_counter() - start:.0f} s", flush=True)
-            steps = args.steps if size in ("sd15", "sdxl") else max(args.steps, 20)
+            steps = args.steps if size in ("sd15", "sdxl", "flux-1x2") else max(args.steps, 20)
             if args.types:
                 types(model, root, args.rounds, steps, args.modules.split(","))
             elif args.overhead:
@@ -364,7 +452,7 @@ def main() -> None:
                 bench(size, model, root, args.rounds, steps, args.checkpointing)
     if args.types:
         pass
-    elif args.sdxl:
+    elif args.sdxl or args.flux:
         print("goal: train-lora no slower per step than the reference and below it in peak RSS")
     elif not args.overhead:
         print("goal: train-lora no slower per step than the reference; SD1.5 peak RSS ≤ 4.5 GB (4,292 MiB)")

@@ -122,3 +122,22 @@ def test_sdxl_presets_train_at_1024_with_kohyas_sdxl_advice(tmp_path):
         assert (c.dataset.resolution, c.dataset.min_bucket_reso, c.dataset.max_bucket_reso) == (1024, 512, 2048)
         assert c.training.gradient_checkpointing and c.training.clip_skip == 1 and c.optimizer.text_encoder_lr == 0
         assert c.model.pretrained_model == "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_flux_presets_train_by_flow_matching_with_kohyas_flux_advice(tmp_path):
+    """Four Flux presets (style and character, 24 and 16 GiB); each passes the flow family's key checks."""
+    from lorasmith.models.families import family_named
+    from lorasmith.train.flow_checks import check_flow_preset
+
+    paths = [p for p in PRESETS if p.name.startswith("flux")]
+    assert [p.name for p in paths] == ["flux-dev-character-16gb.toml", "flux-dev-character.toml",
+                                       "flux-dev-style-16gb.toml", "flux-dev-style.toml"]
+    for path in paths:
+        c = load_config(path, [f"dataset.train_data_dir={tmp_path}"])
+        check_flow_preset(family_named("flux"), c)
+        assert c.model.pretrained_model == "black-forest-labs/FLUX.1-dev" and c.model.base_precision == "fp8"
+        assert (c.training.timestep_sampling, c.training.discrete_flow_shift, c.training.guidance_scale) == (
+            "shift", 3.1582, 1.0)
+        assert c.dataset.resolution == (768 if "16gb" in path.name else 1024)
+        assert c.network.network_dim == (8 if "16gb" in path.name else 16) and c.training.gradient_checkpointing
+        assert c.dataset.cache_text_encoder_outputs and c.optimizer.text_encoder_lr == 0

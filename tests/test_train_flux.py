@@ -4,6 +4,7 @@ diffusers' FluxPipeline as trained; a full-width single block, whose fused layou
 wide; SIGKILL and resume."""
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,24 @@ def test_flux_sigkill_then_resume_gives_the_same_lora(tiny_flux, flux_data, tmp_
     assert code == 0 and "resumed from" in err, err[-3000:]
     same_lora(out / "test.safetensors", tmp_path / "reference" / "test.safetensors")
     shutil.rmtree(out / "test.state")
+
+
+@pytest.mark.parametrize("section, key, value, words", [
+    ("network", "network_module", "loha", 'network.network_module = "loha" is not available for Flux.1 yet'),
+    ("network", "conv_dim", 8, "network.conv_dim = 8: Flux.1's transformer has no convolutions"),
+    ("network", "block_dims", [4] * 25, "network.block_dims is a UNet block setting"),
+    ("training", "min_snr_gamma", 5.0, "training.min_snr_gamma = 5 weights ε/v-prediction losses"),
+    ("model", "prediction_type", "v_prediction", "model.prediction_type is for ε/v-prediction bases"),
+    ("dataset", "bucket_reso_steps", 8, "bucket sides must be multiples of 16 px"),
+])
+def test_keys_flux_cannot_honour_are_refused_in_one_sentence(section, key, value, words):
+    from lorasmith.models.families import family_named
+    from lorasmith.train.config import Config, ConfigError
+    from lorasmith.train.flow_checks import check_flow_preset
+
+    config = Config()
+    setattr(getattr(config, section), key, value)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        check_flow_preset(family_named("flux"), config)
+    check_flow_preset(family_named("sdxl"), config)  # a UNet family takes them
+    check_flow_preset(family_named("flux"), Config())

@@ -85,14 +85,16 @@ def test_generate_and_img2img_write_pictures(tiny_flux, trained, tmp_path, capsy
     assert len([p for p in (tmp_path / "out").glob("*.png") if not p.name.startswith("sheet-")]) == 2
 
 
-def test_merge_bakes_the_file_into_a_flux_folder_that_draws_as_the_adapters_do(tiny_flux, trained, tmp_path, capsys):
-    """--format diffusers: the merged transformer equals base + ΔW; a single-file checkpoint is refused in one
-    sentence (Flux's original layout is not written yet)."""
+def test_merge_bakes_the_file_into_a_flux_folder_and_a_bfl_transformer_file(tiny_flux, trained, tmp_path, capsys):
+    """--format diffusers: the merged transformer equals the trained one (base + ΔW). The default checkpoint is
+    the transformer alone in BFL's layout, for a file without text-encoder modules (one with them is refused in
+    one sentence): read back, it is the same transformer."""
     from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    from lorasmith.models import flux_file
 
     result, file = trained
-    code, text = lora_main(capsys, "merge", "--model", tiny_flux, "--lora", file, "--out", tmp_path / "m.safetensors")
-    assert code == 2 and "add --format diffusers" in text
     code, text = lora_main(capsys, "merge", "--model", tiny_flux, "--lora", file, "--format", "diffusers",
                            "--save-precision", "fp32", "--out", tmp_path / "merged")
     assert code == 0, text
@@ -100,6 +102,23 @@ def test_merge_bakes_the_file_into_a_flux_folder_that_draws_as_the_adapters_do(t
     inputs = transformer_inputs(1)
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).sample, result.unet.eval()(**inputs).sample, atol=1e-5, rtol=0)
+
+    code, text = lora_main(capsys, "merge", "--model", tiny_flux, "--lora", file, "--out", tmp_path / "m.safetensors")
+    assert code == 2 and "add --format diffusers to keep them" in text and not (tmp_path / "m.safetensors").exists()
+    unet_only = {k: v for k, v in load_file(str(file)).items() if k.startswith("lora_unet_")}
+    save_file(unet_only, str(tmp_path / "unet-only.safetensors"))
+    for fmt, out in (("diffusers", tmp_path / "unet-merged"), ("checkpoint", tmp_path / "flux1-clay.safetensors")):
+        code, text = lora_main(capsys, "merge", "--model", tiny_flux, "--lora", tmp_path / "unet-only.safetensors",
+                               "--format", fmt, "--save-precision", "fp32", "--out", out)
+        assert code == 0, text
+    with safe_open(str(tmp_path / "flux1-clay.safetensors"), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        assert handle.metadata()["modelspec.architecture"] == "flux-1-dev"
+    assert "double_blocks.1.img_attn.qkv.weight" in tensors and "single_blocks.1.linear1.weight" in tensors
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    from_file = flux_file.load_transformer(tensors, shapes, "flux1-clay.safetensors")
+    folder = FluxTransformer2DModel.from_pretrained(tmp_path / "unet-merged", subfolder="transformer")
+    assert all(torch.equal(v, from_file.state_dict()[k]) for k, v in folder.state_dict().items())
 
 
 def test_info_checks_flux_names_against_the_base_and_resize_keeps_the_family(tiny_flux, trained, tmp_path, capsys):

@@ -13,8 +13,11 @@ def check_flow_preset(family, config) -> None:
         return
     from lorasmith.train.blocks import BLOCK_KEYS
 
-    n, t, m = config.network, config.training, config.model
+    n, t, m, d = config.network, config.training, config.model, config.dataset
     label = family.label
+    if d.bucket_reso_steps % 16:
+        raise ConfigError(f"dataset.bucket_reso_steps = {d.bucket_reso_steps}: {label} packs latents into 2×2 "
+                          "patches, so bucket sides must be multiples of 16 px: use 16, 32 or 64")
     if n.network_module != "lora":
         raise ConfigError(f'network.network_module = "{n.network_module}" is not available for {label} yet: use "lora"')
     if n.conv_dim:

@@ -76,8 +76,7 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
     name = resolve_name(model)[0]
     family = family_named(inspect_base(name)[0])
     if family.denoiser != "unet" and fmt != "diffusers":
-        raise LoraError(f"{Path(name).name} is a {family.label} model, which lora merge writes as a diffusers folder "
-                        "so far: add --format diffusers")
+        return merge_transformer_file(name, model, loras, out, family, dtype)
     extra = family.tokenizer_parts[1:] + family.text_parts[1:]  # SDXL's and Flux's second encoder, its tokenizer
     parts = load_components(name, BASE_PARTS + extra, families=FAMILIES)
     changed = merge_into({"unet": parts.unet, **{p: getattr(parts, p) for p in family.text_parts}}, loras)
@@ -89,6 +88,28 @@ def merge_checkpoint(model: str, loras: list[tuple[Lora, float]], out: Path, fmt
     state = original_state_dict(parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2)
     state.update(identity_keys(parts.scheduler.config))
     return save_checkpoint(out, state, metadata, dtype), changed
+
+
+def merge_transformer_file(name: str, model: str, loras: list[tuple[Lora, float]], out: Path, family,
+                           dtype=None) -> tuple[Path, int]:
+    """A transformer family's merged denoiser alone, in its original single-file layout (Flux.1: BFL's, the file
+    ComfyUI loads as a diffusion model); files with text-encoder modules are refused, since it cannot hold them."""
+    from lorasmith.models.base import configure_family, load_components
+    from lorasmith.models.checkpoint import save_checkpoint
+    from lorasmith.models.families import FAMILIES
+    from lorasmith.models.flux_file import bfl_state_dict
+    from lorasmith.use.apply import merge_into
+
+    for lora, _ in loras:
+        text = sorted(k for k in lora.modules if not k.startswith("lora_unet_"))
+        if text:
+            raise LoraError(f"{lora.name} also adapts the text encoders (e.g. {text[0]}), which a {family.label} "
+                            "transformer file cannot hold: add --format diffusers to keep them")
+    configure_family(family, name)
+    parts = load_components(name, ("unet", "scheduler"), families=FAMILIES)
+    changed = merge_into({"unet": parts.unet}, loras)
+    metadata = checkpoint_metadata(model, loras, family, "", out)
+    return save_checkpoint(out, bfl_state_dict(parts.unet), metadata, dtype), changed
 
 
 def checkpoint_metadata(model: str, loras: list[tuple[Lora, float]], family, prediction_type: str,
