@@ -72,13 +72,16 @@ def resolve_name(name: str) -> tuple[str, str | None]:
 
 
 def load_components(name: str, parts: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler"),
-                    families: tuple[str, ...] = ("sd1", "sd2")) -> Components:
+                    families: tuple[str, ...] = ("sd1", "sd2"), companions: dict | None = None) -> Components:
     """Each part from its subfolder (or from one checkpoint file), loaded once; parts not asked for stay None
-    (and out of memory)."""
+    (and out of memory). `companions`: the files a Flux.1 transformer file needs beside it (`clip_l`, `t5xxl`,
+    `ae`, `t5_tokenizer`, as the preset's model section names them)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_libraries()
+    if bfl_shapes(name) is not None:
+        return _flux_from_files(Path(name).expanduser(), parts, companions or {})
     if Path(name).expanduser().is_file():
         return _from_file(Path(name).expanduser(), name, parts, families)
     if is_flux(name):
@@ -125,11 +128,62 @@ def is_flux(name: str) -> bool:
 def configure_family(family, name: str) -> None:
     """Tell a transformer family what its denoiser's config says (Flux: dev or schnell) before anything loads:
     the text length of cached captions depends on it."""
-    if family.denoiser != "unet":
+    if family.denoiser == "unet":
+        return
+    if (shapes := bfl_shapes(name)) is not None:
+        from lorasmith.models.flux_file import transformer_config
+
+        family.configure(transformer_config(shapes))
+    else:
         from diffusers import FluxTransformer2DModel
 
         loader = functools.partial(FluxTransformer2DModel.load_config, subfolder=family.denoiser)
         family.configure(load_model(name, loader, f"base model ({family.denoiser})"))
+
+
+def check_companions(name: str, companions: dict) -> None:
+    """Before anything loads: a Flux.1 transformer file needs its CLIP-L, T5-XXL and VAE files named, all of
+    them (CheckpointError listing the missing keys); nothing for any other base."""
+    if bfl_shapes(name) is None:
+        return
+    from lorasmith.models.single_file import CheckpointError
+
+    missing = [f"model.{key}" for key in ("clip_l", "t5xxl", "ae") if not companions.get(key)]
+    if missing:
+        raise CheckpointError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty: a Flux.1 "
+                              "transformer file holds no text encoders or VAE; set model.clip_l, model.t5xxl and "
+                              "model.ae to its CLIP-L, T5-XXL and VAE files (ComfyUI's clip_l.safetensors, "
+                              "t5xxl_fp16.safetensors, ae.safetensors), or pass a diffusers folder")
+
+
+def bfl_shapes(name: str) -> dict | None:
+    """The tensor shapes of a Flux.1 transformer file in BFL's layout; None for anything else."""
+    path = Path(name).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        return None
+    from lorasmith.models.flux_file import is_bfl_transformer
+    from lorasmith.models.from_file import SafetensorsFile
+
+    shapes = {k: tuple(v.shape) for k, v in SafetensorsFile(path).shapes().items()}
+    return shapes if is_bfl_transformer(shapes) else None
+
+
+def _flux_from_files(path: Path, parts: tuple[str, ...], companions: dict) -> Components:
+    from lorasmith.models import flux_parts
+    from lorasmith.models.flux_file import load_transformer, transformer_config
+    from lorasmith.models.from_file import SafetensorsFile
+    from lorasmith.models.tokenizer import clip_tokenizer
+
+    def transformer():
+        tensors = SafetensorsFile(path)
+        return load_transformer(tensors, {k: tuple(v.shape) for k, v in tensors.shapes().items()}, path.name)
+
+    loaders = {"tokenizer": clip_tokenizer, "text_encoder": lambda: flux_parts.load_clip_l(companions.get("clip_l")),
+               "tokenizer_2": lambda: flux_parts.load_t5_tokenizer(companions.get("t5_tokenizer")),
+               "text_encoder_2": lambda: flux_parts.load_t5(companions.get("t5xxl")),
+               "vae": lambda: flux_parts.load_ae(companions.get("ae")), "unet": transformer,
+               "scheduler": lambda: flux_parts.scheduler_for(transformer_config(bfl_shapes(str(path)))["guidance_embeds"])}
+    return Components(name=str(path), **{part: loaders[part]() if part in parts else None for part in loaders})
 
 
 def _flux_components(name: str, parts: tuple[str, ...]) -> Components:
@@ -176,6 +230,8 @@ def describe_base(name: str, families: tuple[str, ...] = ("sd1", "sd2")) -> str 
         from lorasmith.models.families import family_named
 
         return f"base model: {path.name}, a diffusers {family_named(inspect_base(name)[0]).label} folder"
+    if bfl_shapes(name) is not None:
+        return f"base model: {path.name}, a Flux.1 transformer file (BFL's layout)"
     if not path.is_file():
         return None
     from lorasmith.models.from_file import open_checkpoint
@@ -193,6 +249,9 @@ def inspect_base(name: str) -> tuple[str, Any]:
     from lorasmith.models.family import is_v2
 
     path = Path(name).expanduser()
+    if bfl_shapes(name) is not None:  # the transformer alone; its CLIP-L is the public one
+        return "flux", CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, hidden_act="quick_gelu")
     if path.is_file():
         from lorasmith.models.from_file import open_checkpoint
         from lorasmith.models.single_file import text_configs

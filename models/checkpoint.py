@@ -106,19 +106,27 @@ def text_state_dict(text_encoder, prefix: str = TEXT_PREFIX) -> dict:
     return state
 
 
+def _original(model, prefix: str, modules: dict, part: str) -> dict:
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if "lora_" in key or ".base_layer." in key:
+            raise ValueError(f"{part} still carries adapter layers ({key!r}); merge and unload them first")
+        name = original_key(key, modules, part)
+        if part == "VAE" and ".mid.attn_" in name and name.endswith(_VAE_CONV_WEIGHTS) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        state[prefix + name] = tensor
+    return state
+
+
+def vae_state_dict(vae, prefix: str = VAE_PREFIX) -> dict:
+    """The VAE's weights under the original (LDM) names; BFL's `ae.safetensors` is this layout with no prefix."""
+    return _original(vae, prefix, vae_modules(vae), "VAE")
+
+
 def original_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict:
     """The parts' weights under the original single-file key names (contiguous, CPU, dtype kept). With
     `text_encoder_2`, SDXL's layout: CLIP-L and OpenCLIP-bigG under `conditioner.embedders.0/1`."""
-    state = {}
-    for model, prefix, modules, part in ((unet, UNET_PREFIX, unet_modules(unet), "UNet"),
-                                         (vae, VAE_PREFIX, vae_modules(vae), "VAE")):
-        for key, tensor in model.state_dict().items():
-            if "lora_" in key or ".base_layer." in key:
-                raise ValueError(f"{part} still carries adapter layers ({key!r}); merge and unload them first")
-            name = original_key(key, modules, part)
-            if part == "VAE" and ".mid.attn_" in name and name.endswith(_VAE_CONV_WEIGHTS) and tensor.ndim == 2:
-                tensor = tensor[:, :, None, None]
-            state[prefix + name] = tensor
+    state = {**_original(unet, UNET_PREFIX, unet_modules(unet), "UNet"), **vae_state_dict(vae)}
     if text_encoder_2 is None:
         state.update(text_state_dict(text_encoder))
     else:

@@ -12,8 +12,9 @@ from pathlib import Path
 FLUX_SIZES = {
     "tiny-flux": dict(
         transformer=dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
-        clip=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+                         joint_attention_dim=32, pooled_projection_dim=64, axes_dims_rope=(4, 6, 6)),
+        # CLIP's heads are 64 wide, as in CLIP-L: a file of its own records no head count
+        clip=dict(hidden_size=64, intermediate_size=37, num_hidden_layers=2, num_attention_heads=1, projection_dim=64),
         t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4),
         vae=dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
     ),

@@ -153,13 +153,13 @@ def small_dataset(root: Path, images: int = 3, repeats: int = 10, size=(128, 128
     return root
 
 
-def write_preset(path: Path, model: Path, data: Path, out: Path, **sections: dict) -> Path:
+def write_preset(path: Path, base: Path, data: Path, out: Path, **sections: dict) -> Path:
     """A preset for the tiny model: 128 px buckets, small rank, AdamW; `sections` override per section."""
     import toml
 
     preset = {
         "config_version": 1,
-        "model": {"pretrained_model": str(model)},
+        "model": {"pretrained_model": str(base)},
         "dataset": {"train_data_dir": str(data), "resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256},
         "network": {"network_dim": 4, "network_alpha": 2},
         "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-3},

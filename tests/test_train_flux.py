@@ -84,10 +84,11 @@ def flux_data(tmp_path_factory):
     return data, root / "prompts.txt"
 
 
-def preset(root: Path, model: Path, data: Path, **sections) -> Path:
+def preset(root: Path, base: Path, data: Path, **sections) -> Path:
     sections["dataset"] = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128,
                            "t5xxl_max_token_length": 32, **sections.get("dataset", {})}
-    return write_preset(root / "p.toml", model, data, root / "out", **sections)
+    root.mkdir(exist_ok=True)
+    return write_preset(root / "p.toml", base, data, root / "out", **sections)
 
 
 def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, flux_data, tmp_path):
@@ -228,3 +229,49 @@ def test_keys_flux_cannot_honour_are_refused_in_one_sentence(section, key, value
         check_flow_preset(family_named("flux"), config)
     check_flow_preset(family_named("sdxl"), config)  # a UNet family takes them
     check_flow_preset(family_named("flux"), Config())
+
+
+def test_bfl_transformer_file_with_its_own_clip_t5_and_vae_files_trains_as_the_folder(tiny_flux, flux_data, tmp_path):
+    """The tiny Flux as ComfyUI users keep one (flux1.safetensors in BFL's layout, clip_l, t5xxl and ae files),
+    trained offline through the CLI: the same LoRA, bit for bit, as from its diffusers folder. Without the
+    companion files, one sentence names the key to set."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from lorasmith.models.checkpoint import vae_state_dict
+    from lorasmith.models.flux_file import bfl_state_dict
+
+    data, _ = flux_data
+    files = tmp_path / "comfy"
+    files.mkdir()
+    save_file(bfl_state_dict(FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")),
+              str(files / "flux1-tiny.safetensors"))
+    clip = CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder").state_dict()
+    save_file({"text_model." + k.removeprefix("text_model."): v.contiguous() for k, v in clip.items()},
+              str(files / "clip_l.safetensors"))
+    t5 = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2").state_dict()
+    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
+              str(files / "t5xxl.safetensors"))
+    vae = vae_state_dict(AutoencoderKL.from_pretrained(tiny_flux, subfolder="vae"), prefix="")
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(files / "ae.safetensors"))
+
+    env = {"HF_HUB_OFFLINE": "1", "PATH": str(BIN)}
+    folder = preset(tmp_path / "a", tiny_flux, data)
+    model = {"clip_l": str(files / "clip_l.safetensors"), "t5xxl": str(files / "t5xxl.safetensors"),
+             "ae": str(files / "ae.safetensors"), "t5_tokenizer": str(tiny_flux / "tokenizer_2")}
+    single = preset(tmp_path / "b", files / "flux1-tiny.safetensors", data, model=model)
+    runs = [subprocess.run([BIN / "train-lora", str(p), "--quiet"], capture_output=True, text=True, timeout=300,
+                           env=env) for p in (folder, single)]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr[-3000:]
+    assert runs[1].stdout.splitlines()[0] == "base model: flux1-tiny.safetensors, a Flux.1 transformer file (BFL's layout)"
+    a = load_file(str(tmp_path / "a" / "out" / "test.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "test.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    bare = preset(tmp_path / "c", files / "flux1-tiny.safetensors", data)
+    run = subprocess.run([BIN / "train-lora", str(bare), "--quiet"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(
+        "train-lora: error: model.clip_l, model.t5xxl, model.ae are empty: a Flux.1 transformer file holds no text "
+        "encoders or VAE; set model.clip_l"), run.stderr

@@ -68,7 +68,9 @@ def test_bf16_trains_samples_saves_and_resumes_bit_identical(tiny_sd, tmp_path, 
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
-def test_an_fp8_base_stores_frozen_weights_in_fp8_and_trains_like_fp32(tiny_sd, tmp_path):
+@pytest.mark.parametrize("base", ["tiny_sd", "tiny_flux"])
+def test_an_fp8_base_stores_frozen_weights_in_fp8_and_trains_like_fp32(base, request, tmp_path):
+    """SD1's UNet and Flux's transformer alike (its text encoders, T5 included, are stored in fp8 too)."""
     from lorasmith.train.config import load_config
     from lorasmith.train.trainer import run
 
@@ -76,8 +78,9 @@ def test_an_fp8_base_stores_frozen_weights_in_fp8_and_trains_like_fp32(tiny_sd, 
     for precision in ("auto", "fp8"):
         root = tmp_path / precision
         root.mkdir()
-        path = preset(root, tiny_sd, model={"base_precision": precision}, sample={"sample_prompts": ""},
-                      output={"save_state": False})
+        path = preset(root, request.getfixturevalue(base), model={"base_precision": precision},
+                      sample={"sample_prompts": ""}, output={"save_state": False},
+                      dataset={"t5xxl_max_token_length": 32, "resolution": 64, "max_bucket_reso": 128})
         result, _ = run(load_config(path), progress=False, log=lambda message: None)
         losses[precision] = result.losses
         params = dict(result.unet.named_parameters())

@@ -191,6 +191,26 @@ def test_resume_refuses_a_changed_preset_or_dataset_unless_forced(job, tmp_path,
         extra.unlink()
 
 
+def test_a_state_from_before_a_key_existed_resumes_as_that_key_s_default(job, tmp_path, capsys):
+    """A state written before a preset key was added (here: the Flux keys) holds no value for it; the run that
+    wrote it ran as the key's default does now, so the resume is accepted, and a key set off its default is not."""
+    import json
+
+    preset, reference = job
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    manifest = latest(out / "test.state") / "manifest.json"
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    for key in ("training.guidance_scale", "dataset.t5xxl_max_token_length", "model.clip_l"):
+        del data["config"][key]
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+    code = cli.main([str(preset), "--quiet", "--resume", "auto", "--set", f"output.output_dir={out}",
+                     "--set", "training.guidance_scale=2.0"])
+    assert code == 2 and "preset training.guidance_scale: 1.0 then, 2.0 now" in capsys.readouterr().err
+    code = cli.main([str(preset), "--quiet", "--resume", "auto", "--set", f"output.output_dir={out}"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_state(job, tmp_path, monkeypatch, capsys):
     from lorasmith.train.trainer import Trainer
 

@@ -36,7 +36,7 @@ def transformer_inputs(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=torch.randn(1, 16, 64, generator=g), timestep=torch.tensor([0.4]),
                 guidance=torch.tensor([3.5]), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), txt_ids=torch.zeros(8, 3),
+                pooled_projections=torch.randn(1, 64, generator=g), txt_ids=torch.zeros(8, 3),
                 img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32))
 
 

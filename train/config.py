@@ -113,7 +113,8 @@ def parse_value(text: str, kind: Any) -> Any:
 
 
 PATH_KEYS = (("dataset", "train_data_dir"), ("dataset", "reg_data_dir"), ("output", "output_dir"),
-             ("model", "pretrained_model"), ("sample", "sample_prompts"))
+             ("model", "pretrained_model"), ("sample", "sample_prompts"), ("model", "clip_l"), ("model", "t5xxl"),
+             ("model", "ae"), ("model", "t5_tokenizer"))
 
 
 def _absolute(value: str, base: Path, key: str) -> str:
@@ -121,7 +122,7 @@ def _absolute(value: str, base: Path, key: str) -> str:
     if not value:
         return value
     candidate = base / Path(value).expanduser()
-    if key == "pretrained_model" and not (value.startswith((".", "~", "/")) or candidate.exists()):
+    if key in ("pretrained_model", "t5_tokenizer") and not (value.startswith((".", "~", "/")) or candidate.exists()):
         return value
     return str(candidate.resolve())
 

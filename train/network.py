@@ -166,7 +166,7 @@ def freeze_base(model) -> None:
         param.requires_grad_(is_adapter(name))
 
 
-def describe_network(unet, texts, params, network, blocks: str = "") -> str:
+def describe_network(unet, texts, params, network, blocks: str = "", denoiser: str = "UNet") -> str:
     """One line: what is adapted and how much trains; `blocks` the block plan's own words, if any."""
     modules = len(lora_layers(unet))
     text = sum(len(lora_layers(e)) for e in texts)
@@ -175,5 +175,5 @@ def describe_network(unet, texts, params, network, blocks: str = "") -> str:
             "dylora": f"DyLoRA (unit {network.unit})"}[network.network_module]
     conv = f" + convolutions at rank {network.conv_dim}" if network.conv_dim else ""
     return (f"network: {kind} rank {network.network_dim} (alpha {network.network_alpha:g}){conv} on {where}: "
-            f"{modules} UNet modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
+            f"{modules} {denoiser} modules, {text} text-encoder modules, {sum(p.numel() for p in params):,} trainable "
             "parameters" + (f"; {blocks}" if blocks else ""))

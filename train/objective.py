@@ -37,6 +37,19 @@ class Objective:
         return loss
 
 
+def make_objective(family, parts, model, training, base: str = "the base model"):
+    """(objective, note): flow matching for a flow family (train/flow.py), else ε/v-prediction under the base's
+    noise schedule as `noise_schedule` resolves it against what the base declares; `note` is for the plan."""
+    if family.objective == "flow":
+        from lorasmith.train.flow import FlowObjective
+
+        return FlowObjective(parts.scheduler, family, training), ""
+    from lorasmith.models.base import declared_schedule
+
+    schedule, note = noise_schedule(parts.scheduler, model, training, declared_schedule(parts), base)
+    return Objective(schedule, training.min_snr_gamma), note
+
+
 def noise_schedule(scheduler, model, training, declared=None, base: str = "the base model"):
     """(schedule, note): the base's noise schedule with the preset's prediction type and zero-terminal-SNR choice,
     so the loss and the samplers (configured from this schedule) agree. `declared` (models.base.Declared) is

@@ -56,6 +56,19 @@ class ModelConfig:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """auto: from the scheduler's config, or for a single file from its tensors (an SD2.x file without its
     training step reads as 768-v: set "epsilon" for SD2.x-base files)."""
+    clip_l: str = ""
+    """Flux.1 transformer files only (BFL's layout, as ComfyUI keeps them): CLIP-L's own file (clip_l.safetensors)."""
+    t5xxl: str = ""
+    """Flux.1 transformer files only: T5-XXL's own file (t5xxl_fp16.safetensors)."""
+    ae: str = ""
+    """Flux.1 transformer files only: the VAE's own file (ae.safetensors)."""
+    t5_tokenizer: str = "google/t5-v1_1-xxl"
+    """Flux.1 transformer files only: T5's tokenizer (a hub id in the local cache, or a folder)."""
+
+    def companions(self) -> dict:
+        """The files a Flux.1 transformer file needs beside it, for models.base.load_components."""
+        return {"clip_l": self.clip_l, "t5xxl": self.t5xxl, "ae": self.ae, "t5_tokenizer": self.t5_tokenizer}
+
     base_precision: Literal["auto", "fp8"] = "auto"
     """How the frozen base is stored. auto: in training.mixed_precision's dtype (fp32 without it). fp8: the
     UNet's and text encoders' Linear/conv weights in float8_e4m3fn, cast up layer by layer for compute

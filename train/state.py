@@ -309,7 +309,11 @@ def describe_changes(old_config: dict, new_config: dict, old_data: dict, new_dat
 def check_resume(config, dataset, plan, loaded: Loaded, force: bool, log=print) -> None:
     """Refuse (StateError) to continue a state written by another preset or dataset, unless `force`."""
     before = {k: v for k, v in loaded.manifest.get("config", {}).items() if k not in RESUME_SAFE}
-    changes = describe_changes(before, config_fingerprint(config, plan.processes), loaded.manifest.get("dataset", {}),
+    now = config_fingerprint(config, plan.processes)
+    # a key the state's lorasmith did not have yet ran as its default does now
+    defaults = config_fingerprint(type(config)(), plan.processes)
+    before.update({k: defaults[k] for k in now if k not in before and k in defaults})
+    changes = describe_changes(before, now, loaded.manifest.get("dataset", {}),
                                dataset_fingerprint(dataset))
     if not changes:
         return

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasmith.models.base import configure_family, declared_schedule, inspect_base
+from lorasmith.models.base import check_companions, configure_family, inspect_base
 from lorasmith.models.families import FAMILIES, family_named
 from lorasmith.train.config import Config
 from lorasmith.train.conditioning import Conditioner, check_clip_skip
@@ -20,7 +20,7 @@ from lorasmith.train.dataset import Dataset, epoch_batches, load_pixels, process
 from lorasmith.train.events import NonFiniteLoss, RunEvents
 from lorasmith.train.flow_checks import check_flow_preset
 from lorasmith.train.latents import LatentCache, cache_latents, latent_key, vae_identity
-from lorasmith.train.objective import Objective, noise_schedule
+from lorasmith.train.objective import make_objective
 from lorasmith.train.plan import Plan, closes_window
 from lorasmith.train.preparation import plan_run, world, write_resolved_config  # noqa: F401  (cli, tests)
 from lorasmith.train.previews import Previews
@@ -89,21 +89,16 @@ class Trainer(RunEvents):
         check_clip_skip(self.family, text_config, t.clip_skip)
         check_flow_preset(self.family, self.config)
         configure_family(self.family, self.config.model.pretrained_model)
+        check_companions(self.config.model.pretrained_model, self.config.model.companions())
         self.loss_band = self.family.healthy_band(text_config)
         parts = self._load(*self.family.tokenizer_parts, "scheduler")
         self.conditioner = Conditioner(self.family, [getattr(parts, name) for name in self.family.tokenizer_parts],
                                        t.clip_skip, self.device, self.weight_dtype,
                                        self.family.text_length(self.config.dataset))
-        if self.family.objective == "flow":
-            from lorasmith.train.flow import FlowObjective
-
-            self.objective = FlowObjective(parts.scheduler, self.family, t)
-            return
-        schedule, note = noise_schedule(parts.scheduler, self.config.model, t, declared_schedule(parts),
-                                        Path(self.config.model.pretrained_model.rstrip("/")).name)
+        self.objective, note = make_objective(self.family, parts, self.config.model, t,
+                                              Path(self.config.model.pretrained_model.rstrip("/")).name)
         if note and self.accelerator.is_main_process:
             self.log(f"noise schedule: {note}")
-        self.objective = Objective(schedule, t.min_snr_gamma)
 
     def _load(self, *names: str):
         """Frozen parts on the device in the weight precision (trainable adapters are added later in fp32; a
@@ -112,7 +107,8 @@ class Trainer(RunEvents):
 
         from lorasmith.models.base import load_components
 
-        parts = load_components(self.config.model.pretrained_model, names, families=FAMILIES)
+        parts = load_components(self.config.model.pretrained_model, names, families=FAMILIES,
+                                companions=self.config.model.companions())
         for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
             model = getattr(parts, name)
             if model is not None:
@@ -202,7 +198,8 @@ class Trainer(RunEvents):
             self.ranks = RankSampler([self.unet, *texts], n.unit)
         if self.accelerator.is_main_process:  # the plan's last line, once the adapters exist to be counted
             print(describe_network(self.unet, texts, self.params, n,
-                                   blocks.describe(len(groups) - bool(texts)) if blocks else ""), flush=True)
+                                   blocks.describe(len(groups) - bool(texts)) if blocks else "",
+                                   "UNet" if self.family.denoiser == "unet" else self.family.denoiser), flush=True)
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for encoder in texts:
