@@ -155,6 +155,10 @@ PUBLISHED = [
      "text encoders trained, rank 32: 1.12 s/it", dict(family="sdxl", size=1024, precision="bf16",
                                                         checkpointing=False, text="trained", rank=32)),
 ]
+FLOW_PUBLISHED = ("RTX 4090", 4.25, "bghira/SimpleTuner#1184: Flux.1-dev LoRA 1024², batch 1, fp8 base, gradient "
+                  "checkpointing, rank 1: 4.25 s/step", dict(family="flux", size=1024, precision="bf16",
+                                                             checkpointing=True, text="cached", rank=1))
+"""Flux's transformer has its own efficiency (FLOW_EFFICIENCY), fitted to this one speed with the UNets' overhead."""
 EXTRA_CARDS = {"RTX 3090 Ti": 80.0}
 """Dense fp16 tensor TFLOPS (fp32 accumulate) of cards outside gpus.CARDS: the 3090 Ti's GA102 at 40 FP32
 TFLOPS, with tensor rates at twice that as on the 3090 (35.6 → 71)."""
@@ -168,15 +172,17 @@ def _flops(case: dict) -> int:
     from lorasmith.train.schema import NetworkConfig
 
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[case["precision"]])
+    flow = case["family"] == "flux"
     step = StepSetup((case["size"],) * 2, 1, dtype, dtype, case["checkpointing"], case["text"],
-                     NetworkConfig(network_dim=case["rank"], network_alpha=case["rank"] / 2), 1, 5.0)
+                     NetworkConfig(network_dim=case["rank"], network_alpha=case["rank"] / 2), 1,
+                     0.0 if flow else 5.0, fp8_base=flow, max_tokens=512 if flow else 75)
     return estimate_step(public_arch(case["family"]), step).flops
 
 
 def calibrate() -> None:
     """EFFICIENCY and STEP_OVERHEAD solved from the first two published speeds; every speed predicted back."""
     from lorasmith.train.gpus import CARDS
-    from lorasmith.train.preflight import EFFICIENCY, STEP_OVERHEAD
+    from lorasmith.train.preflight import EFFICIENCY, FLOW_EFFICIENCY, STEP_OVERHEAD
 
     peaks = {**{c.name: c.fp16_tflops for c in CARDS}, **EXTRA_CARDS}
     work = [(name, seconds, where, _flops(case) / (peaks[name] * 1e12)) for name, seconds, where, case in PUBLISHED]
@@ -189,6 +195,10 @@ def calibrate() -> None:
         predicted = ideal / EFFICIENCY + STEP_OVERHEAD
         print(f"{name:<12} published {seconds:.3f} s/step, estimated {predicted:.3f} ({predicted / seconds - 1:+.0%})"
               f"  [{where}]")
+    name, seconds, where, case = FLOW_PUBLISHED
+    ideal = _flops(case) / (peaks[name] * 1e12)
+    print(f"Flux fit: FLOW_EFFICIENCY {ideal / (seconds - overhead):.3f} (in preflight.py: {FLOW_EFFICIENCY}); "
+          f"{name} published {seconds:.2f} s/step, estimated {ideal / FLOW_EFFICIENCY + STEP_OVERHEAD:.2f}  [{where}]")
     memory()
 
 
@@ -211,7 +221,7 @@ def memory() -> None:
 
 
 def table() -> None:
-    """The README table: each shipped SD1.5 and SDXL preset on each card, as --preflight estimates it."""
+    """The README table: each shipped SD1.5, SDXL and Flux preset on each card, as --preflight estimates it."""
     from lorasmith.train.config import load_config
     from lorasmith.train.gpus import CARDS
     from lorasmith.train.architectures import public_arch, resolve_arch
@@ -220,7 +230,7 @@ def table() -> None:
 
     print("| preset | peak on the card | " + " | ".join(c.name for c in CARDS) + " |")
     print("|---|---|" + "---|" * len(CARDS))
-    for preset in sorted([*REPO.glob("presets/sd15-*.toml"), *REPO.glob("presets/sdxl-*.toml")]):
+    for preset in sorted(p for family in ("sd15", "sdxl", "flux") for p in REPO.glob(f"presets/{family}-*.toml")):
         config = load_config(preset)
         arch = resolve_arch(config.model.pretrained_model)
         est = estimate(config, arch, plan_run(config))

@@ -14,6 +14,14 @@ from __future__ import annotations
 FP8 = "float8_e4m3fn"
 
 
+def to_precision(model, device=None, dtype=None):
+    """`model` moved and cast by torch's own Module.to: diffusers' override warns on every cast that "modules ...
+    should be kept in float32: []", naming none (our models keep no module in fp32 by that mechanism)."""
+    import torch
+
+    return torch.nn.Module.to(model, *[x for x in (device, dtype) if x is not None])
+
+
 def _upcast(dtype):
     import torch
 

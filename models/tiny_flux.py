@@ -27,6 +27,20 @@ FLUX_SIZES = {
         vae=dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
     ),
 }
+FLUX1 = dict(
+    transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                     axes_dims_rope=(16, 56, 56)),
+    clip=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
+    t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+             layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+             use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+)
+"""FLUX.1-dev's and schnell's public configs (schnell: no guidance input), for --preflight without weights."""
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                  base_image_seq_len=256, max_image_seq_len=4096)
 """FLUX.1-dev's scheduler config."""

@@ -138,6 +138,6 @@ def test_flux_presets_train_by_flow_matching_with_kohyas_flux_advice(tmp_path):
         assert c.model.pretrained_model == "black-forest-labs/FLUX.1-dev" and c.model.base_precision == "fp8"
         assert (c.training.timestep_sampling, c.training.discrete_flow_shift, c.training.guidance_scale) == (
             "shift", 3.1582, 1.0)
-        assert c.dataset.resolution == (768 if "16gb" in path.name else 1024)
+        assert c.dataset.resolution == (512 if "16gb" in path.name else 1024)
         assert c.network.network_dim == (8 if "16gb" in path.name else 16) and c.training.gradient_checkpointing
         assert c.dataset.cache_text_encoder_outputs and c.optimizer.text_encoder_lr == 0

@@ -1,6 +1,7 @@
 """A base model's architecture from its configs alone, for --preflight: a diffusers folder's config.json files, a
 single file's tensor shapes, a hub id's configs in the local Hugging Face cache, or the public architecture of a
-known hub id (models/tiny.py's full-size configs). No weights are read and nothing is downloaded."""
+known hub id (the full-size configs of models/tiny.py and models/tiny_flux.py). No weights are read and nothing is
+downloaded."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class PreflightError(ValueError):
 
 PUBLIC = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1", "runwayml/stable-diffusion-v1-5": "sd1",
           "CompVis/stable-diffusion-v1-4": "sd1", "stabilityai/stable-diffusion-2-1": "sd2",
-          "stabilityai/stable-diffusion-2-1-base": "sd2", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
+          "stabilityai/stable-diffusion-2-1-base": "sd2", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+          "black-forest-labs/FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux-schnell"}
 """Hub ids whose architecture is public and known here: preflight needs no download for them."""
 SD21 = dict(
     unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
@@ -26,11 +28,15 @@ SD21 = dict(
 
 
 def public_arch(family: str):
-    """The public base of `family` (sd1, sd2, sdxl) from models/tiny.py's full-size configs."""
+    """The public base of `family` (sd1, sd2, sdxl, flux; flux-schnell) from the full-size configs."""
     from transformers import CLIPTextConfig
 
     from lorasmith.models.tiny import SIZES
     from lorasmith.train.footprint import Arch
+
+    if family.startswith("flux"):
+        return flux_arch(None, f"the public FLUX.1-{'schnell' if family == 'flux-schnell' else 'dev'} architecture "
+                               "(configs only, no weights)", guided=family == "flux")
 
     spec = SIZES["sdxl" if family == "sdxl" else "sd15"]
     unet, text = (SD21["unet"], SD21["text"]) if family == "sd2" else (spec["unet"], spec["text"])
@@ -60,32 +66,48 @@ def resolve_arch(name: str, family: str | None = None):
         return public_arch(PUBLIC[name])
     raise PreflightError(f"preflight needs the base model's configs and {name} is neither a local folder or file nor "
                          "in the Hugging Face cache: download its *.json files, pass a local path, or add "
-                         "--family sd1|sd2|sdxl to estimate with that family's public architecture")
+                         "--family sd1|sd2|sdxl|flux to estimate with that family's public architecture")
+
+
+def flux_arch(transformer: dict | None, source: str, guided: bool = True):
+    """A Flux.1 base: its transformer's config (the public one when None) with the CLIP-L, T5-XXL and AE every
+    Flux.1 checkpoint shares."""
+    from transformers import CLIPTextConfig, T5Config
+
+    from lorasmith.models.tiny_flux import FLUX1
+    from lorasmith.train.footprint import Arch
+
+    transformer = transformer or {**FLUX1["transformer"], "guidance_embeds": guided}
+    return Arch("flux", dict(transformer), [CLIPTextConfig(**FLUX1["clip"]), T5Config(**FLUX1["t5"])],
+                dict(FLUX1["vae"]), source)
 
 
 def _folder_arch(folder: Path, label: str):
-    from transformers import CLIPTextConfig
+    from transformers import AutoConfig
 
     from lorasmith.models.base import inspect_base
     from lorasmith.models.families import family_named
     from lorasmith.train.footprint import Arch
 
-    family = inspect_base(str(folder))[0]
-    if family_named(family).denoiser != "unet":
-        raise PreflightError(f"--preflight estimates UNet bases (SD1.x, SD2.x, SDXL); {label} is a "
-                             f"{family_named(family).label} model, which it does not estimate yet")
+    family = family_named(inspect_base(str(folder))[0])
     read = lambda part: json.loads((folder / part / "config.json").read_text(encoding="utf-8"))  # noqa: E731
-    texts = [CLIPTextConfig.from_pretrained(folder, subfolder=part) for part in family_named(family).text_parts]
-    return Arch(family, read("unet"), texts, read("vae"), f"{label} (its config.json files)")
+    texts = [AutoConfig.from_pretrained(folder, subfolder=part) for part in family.text_parts]
+    return Arch(family.name, read(family.denoiser), texts, read("vae"), f"{label} (its config.json files)")
 
 
 def _file_arch(path: Path):
     from transformers import CLIPTextConfig
 
+    from lorasmith.models.base import bfl_shapes
     from lorasmith.models.from_file import open_checkpoint
     from lorasmith.models.single_file import text_configs, unet_config, vae_config
     from lorasmith.train.footprint import Arch
 
+    if (bfl := bfl_shapes(str(path))) is not None:
+        from lorasmith.models.flux_file import transformer_config
+
+        return flux_arch(transformer_config(bfl), f"{path.name} (the transformer's config from its tensor shapes; "
+                                                  "Flux.1's public CLIP-L, T5-XXL and AE)")
     _, shapes, family = open_checkpoint(path)
     return Arch(family.name, unet_config(shapes), [CLIPTextConfig(**c) for c in text_configs(shapes, family)],
                 vae_config(shapes), f"{path.name} (configs from its tensor shapes)")
@@ -99,7 +121,8 @@ def _hub_cache(name: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = [try_to_load_from_cache(name, f"{part}/config.json") for part in ("unet", "vae", "text_encoder")]
-    if not all(isinstance(f, str) for f in found):
-        return None
-    return Path(found[0]).parent.parent
+    for denoiser in ("unet", "transformer"):
+        found = [try_to_load_from_cache(name, f"{part}/config.json") for part in (denoiser, "vae", "text_encoder")]
+        if all(isinstance(f, str) for f in found):
+            return Path(found[0]).parent.parent
+    return None

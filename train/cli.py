@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", metavar="NAME", help="with --preflight: one card in detail (4090, A100-80GB, H100, ...); "
                                                  "exit 1 when the preset does not fit it")
     p.add_argument("--price-per-hour", type=float, metavar="X", help="with --preflight: the card's hourly price")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"),
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl", "flux"),
                    help="with --preflight: estimate with this family's public architecture (a hub base not on "
-                        "this machine)")
+                        "this machine; flux is FLUX.1-dev)")
     p.add_argument("--measure", action="store_true",
                    help="with --preflight, on a CUDA machine: also run 10 real steps and print the measured peak "
                         "memory and s/step beside the estimate")

@@ -44,12 +44,12 @@ class Part:
 def cast_base(model, weight_dtype, fp8: bool = False) -> None:
     """The trainer's `_load`: the frozen model in `weight_dtype`, then (fp8) its Linear/conv weights stored in
     fp8 and cast up as each layer reads them (models/storage.py)."""
+    from lorasmith.models.storage import store_in_fp8, to_precision
+
     model.requires_grad_(False)
     if weight_dtype != torch.float32:
-        model.to(weight_dtype)
+        to_precision(model, dtype=weight_dtype)
     if fp8:
-        from lorasmith.models.storage import store_in_fp8
-
         store_in_fp8(model, weight_dtype)
 
 
@@ -114,17 +114,45 @@ class StepCost:
 
 
 def build_unet(arch: Arch, device: str = "meta"):
-    from diffusers import UNet2DConditionModel
+    """The denoiser: SD's UNet, or Flux's transformer."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
+    if _flow(arch):
+        return _build(device, FluxTransformer2DModel.from_config, arch.unet)
     return _build(device, UNet2DConditionModel.from_config, {"in_channels": 4, "out_channels": 4, **arch.unet})
 
 
 def build_texts(arch: Arch, device: str = "meta") -> list:
-    """The family's text encoders: SDXL's second is the projection model, whose pooled output the UNet takes."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    """The family's text encoders: SDXL's second is the projection model, whose pooled output the UNet takes;
+    Flux's second is T5's encoder."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    return [_build(device, CLIPTextModelWithProjection if arch.family == "sdxl" and i == 1 else CLIPTextModel, c)
-            for i, c in enumerate(arch.texts)]
+    def kind(index, config):
+        if isinstance(config, T5Config):
+            return T5EncoderModel
+        return CLIPTextModelWithProjection if arch.family == "sdxl" and index == 1 else CLIPTextModel
+
+    return [_build(device, kind(i, c), c) for i, c in enumerate(arch.texts)]
+
+
+def _flow(arch: Arch) -> bool:
+    return arch.family == "flux"
+
+
+def latent_channels(arch: Arch) -> int:
+    return arch.vae.get("latent_channels", 4)
+
+
+def cached_shapes(arch: Arch, tokens: int) -> dict[str, tuple[int, ...]]:
+    """The shape of one caption's cached conditioning by name, as the family's `encode` gives it: `tokens` is
+    Flux's T5 length, or SD's max_token_length (read in chunks of 75 between start and end tokens)."""
+    if _flow(arch):
+        return {"context": (tokens, arch.texts[1].d_model), "pooled": (arch.texts[0].hidden_size,)}
+    width = sum(c.hidden_size for c in arch.texts) if arch.family == "sdxl" else arch.texts[0].hidden_size
+    shapes = {"context": (75 * (tokens // 75) + 2, width)}
+    if arch.family == "sdxl":
+        shapes["pooled"] = (arch.texts[-1].projection_dim,)
+    return shapes
 
 
 def build_vae(arch: Arch, device: str = "meta"):
@@ -159,6 +187,7 @@ def _adapted(arch: Arch, setup: StepSetup, device: str):
     from lorasmith.train.network import add_text_lora, add_unet_lora, freeze_base, network_options
 
     n, family = setup.network, family_named(arch.family)
+    family.configure(arch.unet)
     options = network_options(n)
     unet = build_unet(arch, device)
     texts = build_texts(arch, device) if setup.text != "cached" else []
@@ -166,9 +195,9 @@ def _adapted(arch: Arch, setup: StepSetup, device: str):
         cast_base(model, setup.weight_dtype, setup.fp8_base)
     blocks = plan_blocks(n, arch.family, arch.unet.get("layers_per_block", 2))
     _build(device, add_unet_lora, unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
-           n.network_target, blocks=blocks, **options)
+           n.network_target, blocks=blocks, targets=family.targets(n.network_target), **options)
     freeze_base(unet)
-    for index, encoder in enumerate(texts if setup.text == "trained" else []):
+    for index, encoder in enumerate(texts[: family.trained_texts] if setup.text == "trained" else []):
         used = family.layers_used(index, encoder.config.num_hidden_layers, setup.clip_skip)
         _build(device, add_text_lora, encoder, n.network_dim, n.network_alpha, n.network_dropout, used, **options)
         freeze_base(encoder)
@@ -186,31 +215,44 @@ def estimate_inference(arch: Arch, setup: StepSetup, size: tuple[int, int], batc
 
 
 def by_depth(arch: Arch, run) -> StepCost:
-    """`run(arch)` for a UNet whose levels stack more than 2 identical transformer blocks (SDXL's 10): run with 1
-    and with 2 blocks there, and every count (bytes held, peak bytes, FLOPs, ops, gradients, the trainable
-    tensors) extrapolated linearly to the real depth. Identical blocks add identical amounts, so this is exact
-    (bench/preflight_bench.py --depth checks it on SDXL: the same bytes, peak and FLOPs), in about half the time."""
-    depths = arch.unet.get("transformer_layers_per_block", 1)
-    levels = len(arch.unet.get("down_block_types", ()))
-    depths = list(depths) if isinstance(depths, (list, tuple)) else [depths] * levels
-    deep = [i for i, d in enumerate(depths) if isinstance(d, int) and d > 2]
-    if not deep or arch.unet.get("reverse_transformer_layers_per_block"):
+    """`run(arch)` for a denoiser that stacks more than 2 identical blocks (SDXL's 10 transformer blocks per level,
+    Flux's 19 double and 38 single blocks): run with 1 and with 2 blocks in each such stack, and every count (bytes
+    held, peak bytes, FLOPs, ops, gradients, the trainable tensors) extrapolated linearly to the real depth.
+    Identical blocks add identical amounts, so this is exact (bench/preflight_bench.py --depth checks it on SDXL:
+    the same bytes, peak and FLOPs), in a fraction of the time."""
+    depths, at_depths = _stacks(arch)
+    deep = {axis: depth for axis, depth in depths.items() if depth > 2}
+    if not deep:
         return run(arch)
 
     def at(changes: dict) -> StepCost:
-        reduced = [changes.get(i, 1 if i in deep else d) for i, d in enumerate(depths)]
-        return run(replace(arch, unet={**arch.unet, "transformer_layers_per_block": reduced}))
+        return run(at_depths({axis: changes.get(axis, 1 if axis in deep else d) for axis, d in depths.items()}))
 
     base = at({})
     total = {key: getattr(base, key) for key in ("resident", "frozen", "adapters", "peak", "grads", "flops", "ops")}
     trainable = Counter(base.trainable)
-    for level in deep:
-        one_more = at({level: 2})
+    for axis, depth in deep.items():
+        one_more = at({axis: 2})
         for key in total:
-            total[key] += (getattr(one_more, key) - getattr(base, key)) * (depths[level] - 1)
+            total[key] += (getattr(one_more, key) - getattr(base, key)) * (depth - 1)
         for shape, count in (Counter(one_more.trainable) - Counter(base.trainable)).items():
-            trainable[shape] += count * (depths[level] - 1)
+            trainable[shape] += count * (depth - 1)
     return StepCost(**total, trainable=sorted(trainable.elements()))
+
+
+def _stacks(arch: Arch):
+    """({stack: depth}, arch at other depths): Flux's two block stacks, or a UNet's transformer depth per level
+    (none where the config's depths are not plain counts)."""
+    if _flow(arch):
+        keys = ("num_layers", "num_single_layers")
+        return {k: arch.unet[k] for k in keys}, lambda depths: replace(arch, unet={**arch.unet, **depths})
+    depths = arch.unet.get("transformer_layers_per_block", 1)
+    levels = len(arch.unet.get("down_block_types", ()))
+    depths = list(depths) if isinstance(depths, (list, tuple)) else [depths] * levels
+    if arch.unet.get("reverse_transformer_layers_per_block") or not all(isinstance(d, int) for d in depths):
+        return {}, None
+    return dict(enumerate(depths)), lambda changed: replace(
+        arch, unet={**arch.unet, "transformer_layers_per_block": [changed[i] for i in range(len(depths))]})
 
 
 def simulate_inference(arch: Arch, setup: StepSetup, size: tuple[int, int], batch: int) -> StepCost:
@@ -224,10 +266,13 @@ def simulate_inference(arch: Arch, setup: StepSetup, size: tuple[int, int], batc
     resident = live.now
     width, height = size
     with live, _amp(setup, False), torch.no_grad():
-        latents = torch.randn(batch, 4, height // 8, width // 8, device="meta").to(setup.weight_dtype)
+        latents = torch.randn(batch, latent_channels(arch), height // 8, width // 8, device="meta")
+        latents = latents.to(setup.weight_dtype)
         cond = _conditioning(arch, family, [], replace(setup, batch=batch), "meta")
-        unet(latents, torch.randint(0, 1000, (batch,), device="meta"),
-             **family.unet_inputs(cond, [(height, width, 0, 0, height, width)] * batch))
+        inputs = family.unet_inputs(cond, [(height, width, 0, 0, height, width)] * batch)
+        if family.objective == "flow" and family.guided:
+            inputs["guidance"] = torch.ones(batch, device="meta", dtype=setup.weight_dtype)
+        family.predict(unet, latents, torch.randint(0, 1000, (batch,), device="meta"), inputs)
     return StepCost(resident, part.frozen, part.adapters, part.trainable, live.peak - resident, 0, live.flops,
                     live.ops)
 
@@ -244,10 +289,28 @@ def simulate_vae(arch: Arch, size: tuple[int, int], batch: int, dtype, decode: b
     width, height = size
     with live, Autocast(amp), torch.no_grad():
         if decode:
-            vae.decode(torch.randn(batch, 4, height // 8, width // 8, device="meta").to(dtype))
+            vae.decode(torch.randn(batch, latent_channels(arch), height // 8, width // 8, device="meta").to(dtype))
         else:
             vae.encode(torch.randn(batch, 3, height, width, device="meta").to(dtype)).latent_dist.mode()
     return StepCost(resident, part.frozen, 0, [], live.peak - resident, 0, live.flops, live.ops)
+
+
+def simulate_text_cache(arch: Arch, setup: StepSetup, batch: int) -> StepCost:
+    """The frozen text encoders embedding a batch of captions for the cache (Flux's T5-XXL is 4.7 B parameters):
+    `resident` their weights, `peak` what the pass adds."""
+    from lorasmith.models.families import family_named
+
+    texts = build_texts(arch)
+    for encoder in texts:
+        cast_base(encoder, setup.weight_dtype, setup.fp8_base)
+        encoder.eval()
+    frozen = sum(describe(encoder).frozen for encoder in texts)
+    live = LiveBytes()
+    live.track(*[t for encoder in texts for t in [*encoder.parameters(), *encoder.buffers()]])
+    resident = live.now
+    with live, _amp(setup, False):
+        _conditioning(arch, family_named(arch.family), texts, replace(setup, batch=batch, text="cached"), "meta")
+    return StepCost(resident, frozen, 0, [], live.peak - resident, 0, live.flops, live.ops)
 
 
 def simulate_step(arch: Arch, setup: StepSetup, device: str = "meta", real_autocast: bool = False,
@@ -255,21 +318,19 @@ def simulate_step(arch: Arch, setup: StepSetup, device: str = "meta", real_autoc
     """One optimizer step as the trainer takes it (Trainer._loss, then backward), on `device`: "meta" for the
     estimate, "cpu" with real tensors for the bench; `real_autocast` uses torch.autocast instead of `Autocast`;
     `before_step()` is called once the model is built, just before the step (the bench resets its RSS peak)."""
-    from lorasmith.models.from_file import sd_scheduler
-    from lorasmith.train.objective import Objective
-
     family, unet, texts = _adapted(arch, setup, device)
+    trained = texts[: family.trained_texts] if setup.text == "trained" else []
     parts = [describe(model) for model in [unet, *texts]]
     amp = _amp(setup, real_autocast)
     if setup.checkpointing:
         # torch's checkpoint restores torch.autocast by itself; the emulation must be entered again
         run, kwargs = checkpointing(contextlib.nullcontext if real_autocast else lambda: _amp(setup, False))
         unet.enable_gradient_checkpointing(run)
-        for encoder in texts if setup.text == "trained" else []:
+        for encoder in trained:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     unet.train()
     for encoder in texts:
-        encoder.train(setup.text == "trained")
+        encoder.train(encoder in trained)
     live = LiveBytes()
     for part in parts:
         live.track(*part.model.parameters(), *part.model.buffers())
@@ -278,13 +339,13 @@ def simulate_step(arch: Arch, setup: StepSetup, device: str = "meta", real_autoc
     if before_step is not None:
         before_step()
     with live, amp:
-        shape = (setup.batch, 4, height // 8, width // 8)
+        shape = (setup.batch, latent_channels(arch), height // 8, width // 8)
         latents = torch.randn(shape, device=device).to(setup.weight_dtype)
         noise = torch.randn(shape, device=device).to(setup.weight_dtype)
         steps = torch.randint(0, 1000, (setup.batch,), device=device)
         cond = _conditioning(arch, family, texts, setup, device)
         inputs = family.unet_inputs(cond, [(height, width, 0, 0, height, width)] * setup.batch)
-        loss = Objective(sd_scheduler(), setup.min_snr_gamma).loss(unet, latents, inputs, noise, steps).mean()
+        loss = _objective(family, setup).loss(unet, latents, inputs, noise, steps).mean()
         loss.backward()
     grads = sum(p.grad.numel() * p.grad.element_size() for part in parts for p in part.model.parameters()
                 if p.grad is not None)
@@ -306,9 +367,19 @@ def _conditioning(arch: Arch, family, texts: list, setup: StepSetup, device: str
         tokenizers = [_Ids(config.vocab_size) for config in arch.texts]
         with torch.enable_grad() if setup.text == "trained" else torch.no_grad():
             return family.encode(tokenizers, texts, captions, setup.clip_skip, setup.max_tokens)
-    width = sum(config.hidden_size for config in arch.texts) if arch.family == "sdxl" else arch.texts[0].hidden_size
-    length = 75 * (setup.max_tokens // 75) + 2
-    cond = {"context": torch.randn(setup.batch, length, width, device=device).to(setup.weight_dtype)}
-    if arch.family == "sdxl":
-        cond["pooled"] = torch.randn(setup.batch, arch.texts[-1].projection_dim, device=device).to(setup.weight_dtype)
-    return cond
+    return {name: torch.randn(setup.batch, *shape, device=device).to(setup.weight_dtype)
+            for name, shape in cached_shapes(arch, setup.max_tokens).items()}
+
+
+def _objective(family, setup: StepSetup):
+    """The trainer's objective for the family: flow matching (its default sampling), or SD's ε-prediction."""
+    if family.objective == "flow":
+        from lorasmith.models.flux_parts import scheduler_for
+        from lorasmith.train.flow import FlowObjective
+        from lorasmith.train.schema import TrainingConfig
+
+        return FlowObjective(scheduler_for(family.guided), family, TrainingConfig())
+    from lorasmith.models.from_file import sd_scheduler
+    from lorasmith.train.objective import Objective
+
+    return Objective(sd_scheduler(), setup.min_snr_gamma)

@@ -54,7 +54,7 @@ class Autocast(TorchFunctionMode):
         if want is not None and self.dtype is not None:
             cast = functools.partial(_cast, want)
             args, kwargs = tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}
-        if name == "scaled_dot_product_attention" and args[0].device.type == "meta":
+        if name == "scaled_dot_product_attention" and (args[0] if args else kwargs["query"]).device.type == "meta":
             return _fused_attention(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasmith.train.architectures import PreflightError
+from lorasmith.train.conditioning import CACHE_BATCH
 
 GIB = 2**30
 EFFICIENCY = 0.182
@@ -28,6 +29,11 @@ to two published speeds (bench/preflight_bench.py --calibrate reproduces the fit
   trackers), 0.59 s.
 Both describe 2023 Kohya on home machines: a tuned Linux box is faster, so these estimates err long."""
 STEP_OVERHEAD = 0.443
+FLOW_EFFICIENCY = 0.390
+"""EFFICIENCY for Flux's transformer, whose large matrix products use the card better than a UNet's convolutions:
+fitted, with STEP_OVERHEAD as above, to RTX 4090, Flux.1-dev LoRA at 1024², batch 1, fp8 base, gradient
+checkpointing: 4.25 s per step (bghira/SimpleTuner#1184, 2024). One published speed: less certain than the
+UNets' fit."""
 ALLOCATOR_SLACK = 0.10
 """What PyTorch's caching allocator reserves beyond the bytes allocated (block rounding, fragmentation)."""
 CUDA_CONTEXT = 0.5 * GIB
@@ -91,6 +97,7 @@ class Estimate:
     breakdown: dict[str, int] = field(default_factory=dict)
     """The training step's peak split into activations and gradients, for the report."""
     notes: list[str] = field(default_factory=list)
+    efficiency: float = EFFICIENCY
 
     @property
     def training(self) -> int:
@@ -112,12 +119,13 @@ class Estimate:
         return self.on_card <= card.memory_gb * USABLE * GIB
 
     def seconds_per_step(self, card) -> float:
-        """Seconds per optimizer step: each micro-batch's FLOPs at the card's peak × EFFICIENCY, plus STEP_OVERHEAD."""
-        rate = card.peak(self.precision) * 1e12 * EFFICIENCY
+        """Seconds per optimizer step: each micro-batch's FLOPs at the card's peak × its efficiency, plus
+        STEP_OVERHEAD."""
+        rate = card.peak(self.precision) * 1e12 * self.efficiency
         return self.accumulation * (self.step_flops * self.area_ratio / rate + STEP_OVERHEAD)
 
     def side_seconds(self, card) -> dict[str, float]:
-        rate = card.peak(self.precision) * 1e12 * EFFICIENCY
+        rate = card.peak(self.precision) * 1e12 * self.efficiency
         return {name: flops / rate for name, flops in self.side_flops.items()}
 
     def hours(self, card) -> float | None:
@@ -135,17 +143,19 @@ def text_mode(config) -> str:
     return "cached" if d.cache_text_encoder_outputs and not d.shuffle_caption else "resident"
 
 
-def step_setup(config, bucket: tuple[int, int], batch: int):
+def step_setup(config, bucket: tuple[int, int], batch: int, family=None):
+    """The step's settings from the preset; `family` (configured for its base) gives the caption length."""
     import torch
 
     from lorasmith.train.footprint import StepSetup
 
     t = config.training
+    tokens = family.text_length(config.dataset) if family else getattr(config.dataset, "max_token_length", 75)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     return StepSetup(bucket, batch, dtype, None if dtype is torch.float32 else dtype, t.gradient_checkpointing,
                      text_mode(config), config.network, t.clip_skip, t.min_snr_gamma,
                      fp8_base=getattr(config.model, "base_precision", "auto") == "fp8",
-                     max_tokens=getattr(config.dataset, "max_token_length", 75))
+                     max_tokens=tokens)
 
 
 def largest_bucket(config, plan) -> tuple[int, int]:
@@ -172,31 +182,34 @@ def estimate(config, arch, planned=None) -> Estimate:
     """The preset's peak memory by part and the FLOPs of its step and of its side work; `planned` is
     (dataset, plan) from preparation.plan_run, or None when the dataset cannot be read (per-step figures only)."""
     from lorasmith.models.families import family_named
-    from lorasmith.train.footprint import estimate_step, simulate_vae
+    from lorasmith.train.footprint import cached_shapes, estimate_step, simulate_text_cache, simulate_vae
 
     dataset, plan = planned or (None, None)
     t, d = config.training, config.dataset
     bucket = largest_bucket(config, plan)
-    setup = step_setup(config, bucket, t.train_batch_size)
+    family = family_named(arch.family)
+    family.configure(arch.unet)
+    setup = step_setup(config, bucket, t.train_batch_size, family)
     step = _memo(estimate_step, arch, setup)
     size = setup.weight_dtype.itemsize
     state, temporary = optimizer_bytes(config.optimizer.optimizer_type, step.trainable)
     parts = {"weights": step.frozen, "adapters": step.adapters, "optimizer state": state}
     transient = {"training step": step.peak, "optimizer update": step.grads + temporary}
     breakdown = {"activations": step.peak - step.grads, "gradients": step.grads}
-    family = family_named(arch.family)
     vae_dtype = setup.weight_dtype if not family.vae_fp32 else _float32()
     images = _images(dataset) * (2 if d.flip_aug else 1) if dataset else None
     est = Estimate(t.mixed_precision, bucket, t.train_batch_size, parts, transient, step.flops, step.ops,
                    plan.total_steps if plan else None, breakdown=breakdown, area_ratio=_area_ratio(plan, bucket),
-                   accumulation=t.gradient_accumulation_steps)
+                   accumulation=t.gradient_accumulation_steps,
+                   efficiency=FLOW_EFFICIENCY if family.objective == "flow" else EFFICIENCY)
     if setup.text == "cached":
         captions = _captions(config, dataset)
-        length = 75 * (setup.max_tokens // 75) + 2
-        per = length * _context_width(arch) + (arch.texts[-1].projection_dim if arch.family == "sdxl" else 0)
+        per = sum(math.prod(shape) for shape in cached_shapes(arch, setup.max_tokens).values())
         parts["text cache"] = per * size * (captions or 0)
         if captions is None:
             est.notes.append("the text cache is not counted: the dataset could not be read")
+        encoding = _memo(simulate_text_cache, arch, setup, min(CACHE_BATCH, captions or CACHE_BATCH))
+        est.before["caching captions"] = encoding.resident + encoding.peak + parts["text cache"]
     encode = _memo(simulate_vae, arch, bucket, min(4, images or 4), vae_dtype, False)
     if d.cache_latents:
         est.before["caching latents"] = encode.resident + encode.peak
@@ -207,7 +220,7 @@ def estimate(config, arch, planned=None) -> Estimate:
         est.side_flops["caching latents"] = int(encode.flops / min(4, images) * images * est.area_ratio)
     prompts = _prompts(config)
     if prompts:
-        _add_samples(est, config, arch, setup, prompts, plan, vae_dtype)
+        _add_samples(est, config, arch, setup, prompts, plan, vae_dtype, family)
     if dataset and dataset.validation and plan:
         _add_validation(est, arch, setup, len(dataset.validation), plan)
     return est
@@ -217,10 +230,6 @@ def _float32():
     import torch
 
     return torch.float32
-
-
-def _context_width(arch) -> int:
-    return sum(c.hidden_size for c in arch.texts) if arch.family == "sdxl" else arch.texts[0].hidden_size
 
 
 def _images(dataset) -> int:
@@ -252,15 +261,15 @@ def _prompts(config) -> list:
         return []
 
 
-def _add_samples(est: Estimate, config, arch, setup, prompts, plan, vae_dtype) -> None:
-    """Samples keep the VAE on the card and add a UNet pass (batch 2 with CFG) and a decode at each prompt's size;
-    each sampling event runs every prompt."""
+def _add_samples(est: Estimate, config, arch, setup, prompts, plan, vae_dtype, family) -> None:
+    """Samples keep the VAE on the card and add a UNet pass (batch 2 with CFG; Flux, guidance-distilled, has no
+    CFG) and a decode at each prompt's size; each sampling event runs every prompt."""
     from lorasmith.train.footprint import estimate_inference, simulate_vae
 
     flops, peak = 0, 0
     for p in prompts:
         size = (p.width, p.height)
-        unet = _memo(estimate_inference, arch, setup, size, 2 if p.scale > 1 else 1)
+        unet = _memo(estimate_inference, arch, setup, size, 2 if p.scale > 1 and family.objective != "flow" else 1)
         decode = _memo(simulate_vae, arch, size, 1, vae_dtype, True)
         est.parts["VAE"] = decode.resident
         peak = max(peak, unet.peak, decode.peak)
@@ -285,11 +294,13 @@ def sample_events(sample, plan) -> int:
 
 
 def _add_validation(est: Estimate, arch, setup, held_out: int, plan) -> None:
-    """The validation loss: every held-out picture at validation.py's timesteps (one batch), at the start and
-    after every epoch."""
+    """The validation loss: every held-out picture at validation.py's timesteps (in batches of the training
+    batch), at the start and after every epoch."""
     from lorasmith.train.footprint import estimate_inference
     from lorasmith.train.validation import TIMESTEPS
 
-    unet = _memo(estimate_inference, arch, setup, setup.bucket, len(TIMESTEPS))
+    batch = min(len(TIMESTEPS), setup.batch)
+    unet = _memo(estimate_inference, arch, setup, setup.bucket, batch)
     est.transient["validation"] = unet.peak
-    est.side_flops["validation"] = int(unet.flops * est.area_ratio * held_out * (plan.epochs + 1))
+    est.side_flops["validation"] = int(unet.flops / batch * len(TIMESTEPS) * est.area_ratio * held_out *
+                                       (plan.epochs + 1))

@@ -7,6 +7,8 @@ import copy
 import sys
 from dataclasses import dataclass
 
+from lorasmith.models.families import family_named
+from lorasmith.train.flow_checks import check_flow_preset
 from lorasmith.train.preflight import GIB, Estimate, estimate, text_mode
 
 
@@ -138,9 +140,8 @@ def summary(config, arch, est: Estimate) -> list[str]:
     t, n = config.training, config.network
     text = {"trained": "text encoders trained", "cached": "text outputs cached",
             "resident": "text encoders frozen on the card"}[text_mode(config)]
-    family = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[arch.family]
     w, h = est.bucket
-    lines = [f"preflight: {family} from {arch.source}",
+    lines = [f"preflight: {family_named(arch.family).label} from {arch.source}",
              f"  {w}×{h} (the largest bucket), batch {est.batch}, "
              f"{'fp32' if t.mixed_precision == 'no' else t.mixed_precision}, gradient checkpointing "
              f"{'on' if t.gradient_checkpointing else 'off'}, {text}, {config.optimizer.optimizer_type}, "
@@ -150,7 +151,8 @@ def summary(config, arch, est: Estimate) -> list[str]:
     step = (" + ".join(f"{k} {gib(v)}" for k, v in est.breakdown.items()) if phase == "training step"
             else f"{phase} {gib(est.transient[phase])}")
     lines.append(f"  training: {gib(est.training)} GiB allocated = {parts} + {step}")
-    lines += [f"  {name} (before the UNet loads): {gib(value)} GiB allocated" for name, value in est.before.items()]
+    lines += [f"  {name} (before the {denoiser(arch)} loads): {gib(value)} GiB allocated"
+              for name, value in est.before.items()]
     lines.append(f"  peak {gib(est.allocated)} GiB allocated; on the card, with the allocator's slack "
                  f"(+{ALLOCATOR_SLACK:.0%}) and the CUDA context ({CUDA_CONTEXT / GIB:g} GiB): {gib(est.on_card)} GiB")
     steps = f"{est.steps:,} steps" if est.steps is not None else "steps unknown (no plan)"
@@ -158,7 +160,12 @@ def summary(config, arch, est: Estimate) -> list[str]:
     return lines + [f"  note: {note}" for note in est.notes]
 
 
-def detail(est: Estimate, card, price: float | None, found: list[Fix]) -> list[str]:
+def denoiser(arch) -> str:
+    word = family_named(arch.family).denoiser
+    return "UNet" if word == "unet" else word
+
+
+def detail(est: Estimate, card, price: float | None, found: list[Fix], arch) -> list[str]:
     """The named card in full: the breakdown, the phases, the time by part, and every fix re-estimated."""
     lines = [card_line(est, card, price, found), "  memory (GiB):"]
     for name, value in {**est.parts, **est.breakdown}.items():
@@ -167,7 +174,7 @@ def detail(est: Estimate, card, price: float | None, found: list[Fix]) -> list[s
         if name != "training step":
             lines.append(f"    {'peak of ' + name:<20} {gib(value):>6}  (instead of the training step's)")
     for name, value in est.before.items():
-        lines.append(f"    {name:<20} {gib(value):>6}  (before the UNet loads)")
+        lines.append(f"    {name:<20} {gib(value):>6}  (before the {denoiser(arch)} loads)")
     seconds = est.side_seconds(card)
     if est.steps is not None:
         lines.append(f"  time: {est.steps} steps × {est.seconds_per_step(card):.2f} s"
@@ -199,6 +206,7 @@ def run_preflight(args, log=lambda m: print(m, file=sys.stderr)) -> int:
     config = load_config(args.preset, args.overrides)
     config.model.pretrained_model = resolve_name(config.model.pretrained_model)[0]
     arch = resolve_arch(config.model.pretrained_model, args.family)
+    check_flow_preset(family_named(arch.family), config)
 
     def replan(changed):
         try:
@@ -214,7 +222,7 @@ def run_preflight(args, log=lambda m: print(m, file=sys.stderr)) -> int:
     found = fixes(config, arch, planned, est, replan) if not all(est.fits(c) for c in cards) else []
     print("\n".join(summary(config, arch, est)))
     if card:
-        print("\n".join(detail(est, card, args.price_per_hour, found)))
+        print("\n".join(detail(est, card, args.price_per_hour, found, arch)))
     else:
         print("\n".join(card_line(est, c, args.price_per_hour, found) for c in CARDS))
     if args.measure:

@@ -24,9 +24,11 @@ def evaluating(models):
 
 
 class Previews:
-    def __init__(self, accelerator, device, conditioner, objective, latents, vae, family, sampler: str, seed: int):
-        """`latents(items, flips)` gives the batch's latents; `vae` may be None when there are no prompts."""
-        self.accelerator, self.device = accelerator, device
+    def __init__(self, accelerator, device, conditioner, objective, latents, vae, family, sampler: str, seed: int,
+                 batch: int = 1):
+        """`latents(items, flips)` gives the batch's latents; `vae` may be None when there are no prompts; the
+        validation loss runs at most `batch` timesteps at once (the training batch: what the card already holds)."""
+        self.accelerator, self.device, self.batch = accelerator, device, batch
         self.conditioner, self.objective, self.latents = conditioner, objective, latents
         self.vae, self.family, self.sampler, self.seed = vae, family, sampler, seed
 
@@ -44,9 +46,14 @@ class Previews:
                 latents = latent.unsqueeze(0).expand(n, *latent.shape)
                 noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
                 cond = {k: v.expand(n, *v.shape[1:]) for k, v in self.conditioner.embed([item.caption]).items()}
-                inputs = self.conditioner.unet_inputs(cond, [item] * n, [False] * n)
-                losses = self.objective.loss(unet, latents, inputs, noise, torch.tensor(TIMESTEPS, device=self.device))
-                total, count = total + float(losses.sum()), count + n
+                steps = torch.tensor(TIMESTEPS, device=self.device)
+                for start in range(0, n, self.batch):
+                    part = slice(start, start + self.batch)
+                    size = len(steps[part])
+                    inputs = self.conditioner.unet_inputs({k: v[part] for k, v in cond.items()}, [item] * size,
+                                                          [False] * size)
+                    total += float(self.objective.loss(unet, latents[part], inputs, noise[part], steps[part]).sum())
+                count += n
         return total / max(1, count)
 
     def pictures(self, unet, prompts) -> list:

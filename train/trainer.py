@@ -106,6 +106,7 @@ class Trainer(RunEvents):
         import torch
 
         from lorasmith.models.base import load_components
+        from lorasmith.models.storage import store_in_fp8, to_precision
 
         parts = load_components(self.config.model.pretrained_model, names, families=FAMILIES,
                                 companions=self.config.model.companions())
@@ -114,10 +115,8 @@ class Trainer(RunEvents):
             if model is not None:
                 model.requires_grad_(False)
                 full = self.weight_dtype == torch.float32 or (name == "vae" and self.family.vae_fp32)
-                model.to(self.device) if full else model.to(self.device, self.weight_dtype)
+                to_precision(model, self.device, None if full else self.weight_dtype)
                 if name != "vae" and self.config.model.base_precision == "fp8":
-                    from lorasmith.models.storage import store_in_fp8
-
                     store_in_fp8(model, self.weight_dtype)
         return parts
 
@@ -148,7 +147,8 @@ class Trainer(RunEvents):
             everything = [*self.dataset.items, *self.dataset.reg_items, *self.dataset.validation]
             self.conditioner.fill_cache({i.caption for i in everything} | {""} | self.prompt_texts())
         self.previews = Previews(self.accelerator, self.device, self.conditioner, self.objective, self._latents,
-                                 self.vae, self.family, self.config.sample.sample_sampler, self.config.training.seed)
+                                 self.vae, self.family, self.config.sample.sample_sampler, self.config.training.seed,
+                                 self.config.training.train_batch_size)
         gc.collect()
         if self.device.type == "cuda":
             import torch
