@@ -1,7 +1,7 @@
-"""`prep-images` as a user runs it: a subprocess over the bundled example and over bad input."""
+"""`prep-images` as a user runs it: a subprocess over the bundled example and over bad input (the README's whole
+example, all three stages, is tests/test_learning.py)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,56 +126,6 @@ def test_empty_src_is_a_usage_error(tmp_path):
     assert done.returncode == 2 and "holds no files to prepare" in done.stderr
     assert not (tmp_path / "out").exists()
 
-
-@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "prep-images").exists(), reason="README's .venv not set up")
-def test_readme_example_command(tmp_path):
-    """The README's main command runs all three stages and the LoRA visibly learns: its last samples with the
-    trigger phrase carry the clay shading that the step-0 samples of the toy base model lack."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "example.sh")], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "LORASMITH_EXAMPLE_OUT": str(tmp_path)})
-    assert done.returncode == 0, done.stderr
-    folder = tmp_path / "137_claymation style"
-    assert len(list(folder.glob("*.png"))) == 11
-    captions = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.txt")}
-    assert len(captions) == 11 and all(c.startswith("claymation style, ") for c in captions.values())
-    assert captions["clay_blob_red"] == "claymation style, a red circle\n"  # the sidecar, kept
-    assert captions["clay_scan"] != "claymation style, a blue triangle\n"  # written by the (random) captioner
-    lora = tmp_path / "lora" / "toy-clay.safetensors"
-    assert lora.exists() and "train-lora: 400 steps" in done.stdout
-    from safetensors import safe_open
-
-    with safe_open(str(lora), "pt") as f:
-        assert f.metadata()["modelspec.trigger_phrase"] == "claymation style"
-        assert any(k.startswith("lora_unet_") for k in f.keys())
-    sys.path.insert(0, str(REPO))
-    from toy.scores import style_score
-
-    samples = tmp_path / "lora" / "toy-clay.samples"
-    steps = sorted({p.name.split("-")[1] for p in samples.glob("e*-s*-00.png")})
-    first, last = steps[0], steps[-1]
-    assert (first, last) == ("s00000000", "s00000400")
-
-    def style(step: str) -> float:  # prompts 0-3 carry the trigger phrase
-        return sum(style_score(Image.open(next(samples.glob(f"e*-{step}-{i:02d}.png")))) for i in range(4)) / 4
-
-    before, after = style(first), style(last)
-    assert before < 0.15 and after > before + 0.15, (before, after)
-    assert (tmp_path / "lora" / "toy-clay.report.html").is_file()
-    # The sweep: rows = the saved epochs then the final file, columns = weights 0 … 1; through `lora generate`
-    # the final LoRA at weight 1 carries the clay look that weight 0 (the base model) lacks.
-    from lorasmith.use.grid import cell_box
-
-    (sweep,) = (tmp_path / "sweep").glob("sweep-*.png")
-    rows = [p.stem for p in sorted((tmp_path / "lora").glob("toy-clay*.safetensors"))]  # as the glob expands
-    assert rows[-1] == "toy-clay" and len(rows) >= 2
-    columns = [f"weight {w:g}" for w in (0, 0.25, 0.5, 0.75, 1)]
-    grid = Image.open(sweep)
-    assert grid.size == tuple(x + 6 for x in cell_box(len(rows) - 1, 4, rows, columns)[2:])
-
-    def cell(column: int) -> float:
-        return style_score(grid.crop(cell_box(len(rows) - 1, column, rows, columns)).resize((64, 64), Image.LANCZOS))
-
-    assert cell(4) > cell(0) + 0.15, (cell(0), cell(4))
 
 def test_area_mode_gives_sdxl_sizes(tmp_path):
     make_image(tmp_path / "src" / "wide.png", size=(1500, 1000))

@@ -231,7 +231,8 @@ def test_keys_flux_cannot_honour_are_refused_in_one_sentence(section, key, value
     check_flow_preset(family_named("flux"), Config())
 
 
-def test_bfl_transformer_file_with_its_own_clip_t5_and_vae_files_trains_as_the_folder(tiny_flux, flux_data, tmp_path):
+def test_bfl_transformer_file_with_its_own_clip_t5_and_vae_files_trains_as_the_folder(tiny_flux, flux_data, tmp_path,
+                                                                                     capsys):
     """The tiny Flux as ComfyUI users keep one (flux1.safetensors in BFL's layout, clip_l, t5xxl and ae files),
     trained offline through the CLI: the same LoRA, bit for bit, as from its diffusers folder. Without the
     companion files, one sentence names the key to set."""
@@ -269,9 +270,11 @@ def test_bfl_transformer_file_with_its_own_clip_t5_and_vae_files_trains_as_the_f
     b = load_file(str(tmp_path / "b" / "out" / "test.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
+    from lorasmith.train.cli import main
+
     bare = preset(tmp_path / "c", files / "flux1-tiny.safetensors", data)
-    run = subprocess.run([BIN / "train-lora", str(bare), "--quiet"], capture_output=True, text=True, timeout=300,
-                         env=env)
-    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(
+    assert main([str(bare), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(
         "train-lora: error: model.clip_l, model.t5xxl, model.ae are empty: a Flux.1 transformer file holds no text "
-        "encoders or VAE; set model.clip_l"), run.stderr
+        "encoders or VAE; set model.clip_l"), err

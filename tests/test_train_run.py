@@ -193,9 +193,9 @@ def test_cli_dry_run_and_missing_model(tmp_path, tiny_sd):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_path, request, family):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: gradients are synchronised, so both ranks
-    (which see different batches and noise) hold the same LoRA afterwards; a two-process run resumed from a
-    mid-run state (each rank restores its own RNG) ends with the same weights again. SDXL with both text
-    encoders trained; SD1.x as a DyLoRA, whose ranks each process draws for itself."""
+    (which see different batches and noise) hold the same LoRA afterwards. SDXL with both text encoders
+    trained; SD1.x as a DyLoRA, whose ranks each process draws for itself, also resumed from a mid-run state
+    (each rank restores its own RNG, whatever the family) to the same weights again."""
     import os
     import shutil
 
@@ -227,6 +227,8 @@ def test_two_cpu_processes_end_with_identical_weights_and_resume_exactly(tmp_pat
         assert max(a.get_tensor(k).abs().max().item() for k in keys if "lora_up" in k) > 0  # it trained
         assert any(k.startswith("lora_te2_") for k in keys) == (family == "sdxl")
     assert (tmp_path / "out" / "test.safetensors").exists()  # rank 0 alone saves
+    if family != "sd1":
+        return
     state = next((tmp_path / "out" / "test.state").glob("step-00000002-*"))
     assert len(torch.load(state / "training.pt", weights_only=True)["rng"]) == 2  # one RNG record per rank
     shutil.copytree(state, tmp_path / "copy")
