@@ -19,7 +19,8 @@ step, as there).
 reduced-depth full-width Flux (models/tiny_flux.py `flux-1x2`: one double and two single blocks at Flux.1-dev's
 width 3072, 0.65 G transformer parameters) at 128 px, batch 1, rank 16 on Kohya's Flux module set, T5 read to 128
 tokens, text outputs cached by both, against diffusers' train_dreambooth_lora_flux.py reduced to its loop with
-the same modules (its --lora_layers) and its defaults otherwise (uniform σ, guidance 3.5 input).
+the same modules (its --lora_layers, an adapter per q, k, v: train-lora's split_qkv = true) and its defaults
+otherwise (uniform σ, guidance 3.5 input); "train-lora unsplit" is the default split_qkv = false beside them.
 
 --overhead measures what the batch-job features cost instead: the same run plain (no states, samples or
 validation) and as a batch job (a state every 2 steps, 2 sampling events of one 256×256 prompt at 8
@@ -275,9 +276,13 @@ def bench(name: str, model: Path, root: Path, rounds: int, steps: int, checkpoin
     data = root / "data"
     if name in ("tiny-flux", "flux-1x2"):
         extra = {"dataset": f"t5xxl_max_token_length = {FLUX_TOKENS}",  # the reference's settings
-                 "training": 'guidance_scale = 3.5\ntimestep_sampling = "uniform"'}
+                 "training": 'guidance_scale = 3.5\ntimestep_sampling = "uniform"',
+                 "network": "split_qkv = true"}  # an adapter per q, k, v, as the reference's peft config
         preset = write_preset(root / f"{name}.toml", model, data, root / "out", steps, False, FLUX_SIZE, extra)
+        unsplit = write_preset(root / f"{name}-unsplit.toml", model, data, root / "out", steps, False, FLUX_SIZE,
+                               {**extra, "network": "split_qkv = false"})
         contenders = {"train-lora": [str(BIN / "train-lora"), str(preset), "--quiet"],
+                      "train-lora unsplit": [str(BIN / "train-lora"), str(unsplit), "--quiet"],
                       "reference loop": [sys.executable, __file__, "--child-reference-flux", str(model), str(data),
                                          str(steps)]}
         return compare(name, contenders, rounds, steps)
@@ -311,7 +316,7 @@ def compare(name: str, contenders: dict[str, list[str]], rounds: int, steps: int
     print(f"{name} medians:")
     for label, runs in results.items():
         med = [statistics.median(x[i] for x in runs) for i in range(3)]
-        print(f"  {label:15s} {med[0]:7.3f} s/step   peak RSS {med[1]:7.0f} MiB   whole job {med[2]:6.1f} s")
+        print(f"  {label:18s} {med[0]:7.3f} s/step   peak RSS {med[1]:7.0f} MiB   whole job {med[2]:6.1f} s")
 
 
 TYPES = ("lora", "locon", "loha", "lokr", "dylora")

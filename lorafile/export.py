@@ -19,11 +19,15 @@ from lorasmith.common.files import atomic_writer
 from lorasmith.models.adapters import lora_layers
 
 _TEXT_PATH = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
+_T5_PATH = re.compile(r"^encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.[qkvo]|"
+                      r"1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo))$")
 
 
 def text_key(path: str, prefix: str = "lora_te") -> str:
     """Kohya's name for a text-encoder layer, whichever module layout transformers gave it; SDXL's two encoders
-    are `lora_te1`/`lora_te2`."""
+    are `lora_te1`/`lora_te2`, Flux's T5-XXL `lora_te3_encoder_block_0_layer_0_SelfAttention_q`."""
+    if _T5_PATH.match(path):
+        return f"{prefix}_{path.replace('.', '_')}"
     match = _TEXT_PATH.match(path)
     if not match:
         raise ValueError(f"no Kohya name for text-encoder module {path!r}")
@@ -63,7 +67,8 @@ def stacked(parts: list[dict], key: str) -> dict:
     """LoRAs of layers that the original layout fuses into one (Flux's q, k, v) as that one's LoRA: downs stacked,
     ups block-diagonal, so ΔW of the fused weight is each part's ΔW in its rows. The file's alpha keeps the
     first part's alpha/rank over the summed rank; a part trained at another ratio carries the difference in its
-    up weights."""
+    up weights. Parts that share one down (split_qkv = false) make Kohya's unsplit module: that down once, the
+    ups stacked."""
     import torch
 
     if any("lora_down.weight" not in part for part in parts):
@@ -71,6 +76,9 @@ def stacked(parts: list[dict], key: str) -> dict:
     ranks = [part["lora_down.weight"].shape[0] for part in parts]
     ratio = float(parts[0]["alpha"]) / ranks[0]
     ups = [part["lora_up.weight"] * (float(part["alpha"]) / rank / ratio) for part, rank in zip(parts, ranks)]
+    down = parts[0]["lora_down.weight"]
+    if all(part["lora_down.weight"].data_ptr() == down.data_ptr() for part in parts):
+        return {"lora_down.weight": down, "lora_up.weight": torch.cat(ups), "alpha": torch.tensor(ratio * ranks[0])}
     return {"lora_down.weight": torch.cat([part["lora_down.weight"] for part in parts]),
             "lora_up.weight": torch.block_diag(*ups), "alpha": torch.tensor(ratio * sum(ranks))}
 

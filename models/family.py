@@ -33,6 +33,10 @@ class ModelFamily:
     trained_texts: int | None = None
     """How many of the text encoders take adapters when the text encoders train; None: all."""
 
+    def texts_trained(self, network) -> int | None:
+        """`trained_texts` for a preset's network section (Flux's train_t5xxl adds T5-XXL)."""
+        return self.trained_texts
+
     # What `lora generate` asks of a family.
     size_conditioned = False
     """The UNet takes size and crop conditioning (`--original-size`, `--crop-top-left`)."""

@@ -78,7 +78,7 @@ class Flux(ModelFamily):
     denoiser = "transformer"
     prompt_tokens = 512
     trained_texts = 1
-    """With text_encoder_lr, CLIP-L trains (Kohya's default); T5-XXL stays frozen."""
+    """With text_encoder_lr, CLIP-L trains (Kohya's default); T5-XXL only with network.train_t5xxl."""
     clip_skip_note = "Flux reads T5's last layer and CLIP's pooled embedding"
     public_text = (768, 12)
     guided = True
@@ -87,6 +87,9 @@ class Flux(ModelFamily):
 
     def configure(self, config) -> None:
         self.guided = bool(config.get("guidance_embeds", False))
+
+    def texts_trained(self, network) -> int:
+        return 2 if network.train_t5xxl else 1
 
     def text_length(self, dataset) -> int:
         """T5's token count: the preset's, else BFL's (512 for dev, 256 for schnell)."""
@@ -153,7 +156,8 @@ class Flux(ModelFamily):
         return {"ss_guidance_scale": t.guidance_scale, "ss_timestep_sampling": t.timestep_sampling,
                 "ss_sigmoid_scale": t.sigmoid_scale, "ss_discrete_flow_shift": t.discrete_flow_shift,
                 "ss_model_prediction_type": "raw", "ss_apply_t5_attn_mask": "False",
-                "ss_t5xxl_max_token_length": self.text_length(config.dataset), "ss_model_type": "flux"}
+                "ss_t5xxl_max_token_length": self.text_length(config.dataset), "ss_model_type": "flux",
+                "ss_network_module": "networks.lora_flux"}
 
     def sampler(self, name, base_config):
         """Flux is drawn with its own flow-matching Euler sampler, whatever `sample_sampler` names."""

@@ -3,6 +3,7 @@ from configs in the test) trained with CLIP-L, samples and validation; the file 
 diffusers' FluxPipeline as trained; a full-width single block, whose fused layout diffusers only reads at 3072
 wide; SIGKILL and resume."""
 
+import json
 import math
 import re
 import shutil
@@ -91,11 +92,12 @@ def preset(root: Path, base: Path, data: Path, **sections) -> Path:
     return write_preset(root / "p.toml", base, data, root / "out", **sections)
 
 
-def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, flux_data, tmp_path):
-    """CLIP-L trained, a held-out picture, samples: every fused BFL layer is one module holding its parts side by
-    side; diffusers' FluxPipeline.load_lora_weights of the file gives every adapted layer of the live model (the
-    double blocks and CLIP-L) within 1e-5. (diffusers reads single blocks only at Flux's real width: the next
-    test.)"""
+@pytest.mark.parametrize("split_qkv", [False, True])
+def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, flux_data, tmp_path, split_qkv):
+    """CLIP-L trained, a held-out picture, samples: every fused BFL layer is one module, Kohya's rank-4 LoRA of the
+    fused weight (one down, the parts' ups stacked) or with split_qkv its parts side by side; diffusers'
+    FluxPipeline.load_lora_weights of the file gives every adapted layer of the live model (the double blocks and
+    CLIP-L) within 1e-5. (diffusers reads single blocks only at Flux's real width: the next test.)"""
     from diffusers import FluxPipeline
 
     from lorasmith.train.config import load_config
@@ -103,7 +105,7 @@ def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, f
 
     data, prompts = flux_data
     path = preset(tmp_path, tiny_flux, data, dataset={"validation_split": 0.25},
-                  optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2},
+                  optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2}, network={"split_qkv": split_qkv},
                   sample={"sample_prompts": str(prompts), "sample_every_n_steps": 4})
     result, _ = run(load_config(path), progress=False, log=lambda message: None)
     file = tmp_path / "out" / "test.safetensors"
@@ -120,9 +122,16 @@ def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, f
     assert {m for m in modules if m.startswith("lora_unet_")} == expected
     assert any(m.startswith("lora_te1_text_model_encoder_layers_1_") for m in modules)
     assert not any(m.startswith(("lora_te2", "lora_te3")) for m in modules)  # T5 stays frozen
-    # q, k, v stacked: rank 3·4, up block-diagonal (96 rows = 3 × 32); linear1 holds q, k, v and the MLP's input
-    assert qkv.shape == (96, 12) and not qkv[:32, 4:].any() and not qkv[32:64, :4].any()
-    assert linear1.shape == (16, 32) and alpha == 2 * 4  # alpha / rank stays 2 / 4 over the summed rank 16
+    if split_qkv:  # q, k, v side by side: rank 3·4, up block-diagonal (96 rows = 3 × 32)
+        assert qkv.shape == (96, 12) and not qkv[:32, 4:].any() and not qkv[32:64, :4].any()
+        # linear1 holds q, k, v and the MLP's input: alpha / rank stays 2 / 4 over the summed rank 16
+        assert linear1.shape == (16, 32) and alpha == 2 * 4
+        assert json.loads(meta["ss_network_args"]) == {"split_qkv": "True"}
+    else:  # one down for q, k, v: rank 4, every up column trained
+        assert qkv.shape == (96, 4) and qkv[:32].abs().min() > 0 and qkv[64:].abs().min() > 0
+        assert linear1.shape == (4, 32) and alpha == 2
+        assert meta["ss_network_args"] == "{}"
+    assert meta["ss_network_module"] == "networks.lora_flux"
     assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["ss_guidance_scale"]) == (
         "flux1", "flux-1-dev/lora", "1.0")
     assert len(result.validation) >= 1 and len(list((tmp_path / "out" / "test.samples").glob("*-grid.png"))) == 1
@@ -146,14 +155,16 @@ def test_flux_lora_is_kohya_named_and_loads_in_diffusers_as_trained(tiny_flux, f
         torch.testing.assert_close(clip(ids).pooler_output, pipe.text_encoder(ids).pooler_output, atol=1e-5, rtol=0)
 
 
-def test_a_full_width_single_block_loads_in_diffusers_as_trained():
-    """At Flux.1's width (3072, MLP 12288) diffusers splits `linear1` back into q, k, v and the MLP input: the
-    loaded transformer gives the live one's output within 1e-5, and not the base's."""
+@pytest.mark.parametrize("split_qkv", [False, True])
+def test_a_full_width_single_block_loads_in_diffusers_as_trained(split_qkv):
+    """At Flux.1's width (3072, MLP 12288) diffusers splits `linear1` back into q, k, v and the MLP input, from
+    Kohya's unsplit module (one down) and from a split one: the loaded transformer gives the live one's output
+    within 1e-5, and not the base's."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from lorasmith.lorafile.export import kohya_state_dict
     from lorasmith.models.families import family_named
-    from lorasmith.train.network import add_unet_lora
+    from lorasmith.train.network import add_unet_lora, share_fused_downs
 
     flux = family_named("flux")
     config = dict(patch_size=1, in_channels=64, num_layers=0, num_single_layers=1, attention_head_dim=128,
@@ -164,6 +175,8 @@ def test_a_full_width_single_block_loads_in_diffusers_as_trained():
     base = FluxTransformer2DModel(**config)
     base.load_state_dict(live.state_dict())
     add_unet_lora(live, 4, 2.0, targets=flux.targets("kohya"))
+    if not split_qkv:
+        assert share_fused_downs(live, flux.fused_parts(live)) == 3  # k, v and the MLP input take q's down
     generator = torch.Generator().manual_seed(3)
     for name, param in live.named_parameters():
         if "lora_B" in name:
@@ -173,7 +186,8 @@ def test_a_full_width_single_block_loads_in_diffusers_as_trained():
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=loaded)
     tensors = kohya_state_dict(live, None, torch.float32, flux)
-    assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 3072 + 12288, 16)
+    assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 3072 + 12288,
+                                                                                 16 if split_qkv else 4)
     pipe.load_lora_weights(tensors)
     inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=generator), timestep=torch.tensor([0.5]),
                   encoder_hidden_states=torch.randn(1, 8, 32, generator=generator),
@@ -229,6 +243,71 @@ def test_keys_flux_cannot_honour_are_refused_in_one_sentence(section, key, value
         check_flow_preset(family_named("flux"), config)
     check_flow_preset(family_named("sdxl"), config)  # a UNet family takes them
     check_flow_preset(family_named("flux"), Config())
+
+
+def test_flux_network_keys_elsewhere_and_t5_without_a_rate_are_refused(tiny_flux, flux_data, tmp_path):
+    from lorasmith.models.families import family_named
+    from lorasmith.train.config import Config, ConfigError, load_config
+    from lorasmith.train.flow_checks import check_flow_preset
+
+    for key, words in (("split_qkv", "network.split_qkv is a Flux.1 setting; SDXL has no fused q/k/v layers"),
+                       ("train_t5xxl", "network.train_t5xxl is a Flux.1 setting; SDXL has no T5-XXL")):
+        config = Config()
+        setattr(config.network, key, True)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            check_flow_preset(family_named("sdxl"), config)
+        check_flow_preset(family_named("flux"), config)
+    data, _ = flux_data
+    with pytest.raises(ConfigError, match=r"p\.toml: network\.train_t5xxl trains T5-XXL at optimizer\.text_encoder_lr, "
+                                          r"which is 0: set it"):
+        load_config(preset(tmp_path, tiny_flux, data, network={"train_t5xxl": True}))
+
+
+def test_t5xxl_adapters_are_kohya_named_and_load_and_merge_as_trained(tiny_flux, flux_data, tmp_path):
+    """train_t5xxl: T5-XXL's attention and gated MLP layers of every block take adapters, written as Kohya's
+    `lora_te3_…` modules; `lora generate`'s loading gives T5's output as the live encoder gives it (FluxPipeline
+    loads CLIP-L alone; T5 takes the adapter beside it), weight 0 gives the base encoder, and merging gives the
+    live output too."""
+    from diffusers import FluxPipeline
+    from transformers import T5EncoderModel
+
+    from lorasmith.lorafile.read import read_lora
+    from lorasmith.train.config import load_config
+    from lorasmith.train.trainer import run
+    from lorasmith.use.apply import activate, load_adapters, merge_into
+
+    data, _ = flux_data
+    path = preset(tmp_path, tiny_flux, data, network={"train_t5xxl": True},
+                  optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2})
+    result, _ = run(load_config(path), progress=False, log=lambda message: None)
+    file = tmp_path / "out" / "test.safetensors"
+    with safe_open(str(file), "pt") as handle:
+        modules = {k.split(".")[0] for k in handle.keys()}
+        meta = handle.metadata()
+    live = result.text_encoders[1].eval()
+    blocks = live.config.num_layers
+    parts = [f"layer_0_SelfAttention_{x}" for x in "qkvo"]
+    parts += [f"layer_1_DenseReluDense_{x}" for x in ("wi_0", "wi_1", "wo")]
+    assert {m for m in modules if m.startswith("lora_te3_")} == {
+        f"lora_te3_encoder_block_{b}_{part}" for b in range(blocks) for part in parts}
+    assert json.loads(meta["ss_network_args"]) == {"train_t5xxl": "True"}
+
+    ids = FluxPipeline.from_pretrained(tiny_flux).tokenizer_2(
+        ["claymation style, a blob"], padding="max_length", max_length=32, return_tensors="pt").input_ids
+    base = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2").eval()
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    load_adapters(pipe, {"clay": read_lora(file)})
+    with torch.no_grad():
+        trained, plain = live(ids)[0], base(ids)[0]
+        assert (trained - plain).abs().max() > 1e-3
+        activate(pipe, {"clay": 1.0})
+        torch.testing.assert_close(pipe.text_encoder_2(ids)[0], trained, atol=1e-5, rtol=0)
+        activate(pipe, {})
+        torch.testing.assert_close(pipe.text_encoder_2(ids)[0], plain, atol=1e-6, rtol=0)
+        merged = FluxPipeline.from_pretrained(tiny_flux)
+        merge_into({"transformer": merged.transformer, "text_encoder": merged.text_encoder,
+                    "text_encoder_2": merged.text_encoder_2}, [(read_lora(file), 1.0)])
+        torch.testing.assert_close(merged.text_encoder_2(ids)[0], trained, atol=1e-5, rtol=0)
 
 
 def test_bfl_transformer_file_with_its_own_clip_t5_and_vae_files_trains_as_the_folder(tiny_flux, flux_data, tmp_path,

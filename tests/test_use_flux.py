@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def trained(tiny_flux, tmp_path_factory):
-    """(the run's Result, its LoRA file) of a tiny Flux trained four steps with CLIP-L."""
+    """(the run's Result, its LoRA file) of a tiny Flux trained four steps with CLIP-L and T5-XXL."""
     from lorasmith.train.config import load_config
     from lorasmith.train.trainer import run
 
@@ -25,7 +25,7 @@ def trained(tiny_flux, tmp_path_factory):
     path = write_preset(root / "p.toml", tiny_flux, data, root / "out",
                         dataset={"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128,
                                  "t5xxl_max_token_length": 32},
-                        optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2})
+                        optimizer={"learning_rate": 1e-2, "text_encoder_lr": 1e-2}, network={"train_t5xxl": True})
     result, _ = run(load_config(path), progress=False, log=lambda message: None)
     return result, root / "out" / "test.safetensors"
 
@@ -125,12 +125,14 @@ def test_info_checks_flux_names_against_the_base_and_resize_keeps_the_family(tin
     _, file = trained
     code, out = lora_main(capsys, "info", file, "--model", tiny_flux)
     assert code == 0 and "base model family: Flux.1" in out and "health: ok" in out and "checked against" in out
+    assert "text encoder 3 (T5-XXL)" in out and "networks.lora_flux" in out, out
     code, out = lora_main(capsys, "resize", file, "--rank", "2", "--out", tmp_path / "r2.safetensors")
     assert code == 0, out
     resized = load_file(str(tmp_path / "r2.safetensors"))
     assert resized["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 2
     code, out = lora_main(capsys, "info", tmp_path / "r2.safetensors", "--model", tiny_flux)
-    assert code == 0 and "health: ok" in out, out
+    assert code == 0 and "health: ok" in out and "networks.lora_flux" in out, out
+    assert resized["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"].shape[0] == 2
 
 
 def test_ai_toolkit_diffusers_named_flux_file_reads_as_the_kohya_one(trained, tmp_path):

@@ -206,6 +206,9 @@ def validate(config: Config) -> None:
          "network.network_dropout"),
         (n.network_module == "lokr" or n.factor == -1, "network.factor applies to lokr only"),
         (n.network_module == "dylora" or n.unit == 1, "network.unit applies to dylora only"),
+        (not n.train_t5xxl or config.optimizer.text_encoder_lr > 0,
+         "network.train_t5xxl trains T5-XXL at optimizer.text_encoder_lr, which is 0: set it (e.g. 1e-5) or "
+         "remove the key"),
         (n.network_dim % n.unit == 0 and n.conv_dim % n.unit == 0,
          f"network.network_dim = {n.network_dim}{f' and conv_dim = {n.conv_dim}' if n.conv_dim else ''} must be "
          f"multiples of network.unit = {n.unit}"),

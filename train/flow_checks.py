@@ -1,6 +1,6 @@
-"""Preset keys a flow-matching family (Flux.1) cannot honour, refused in one sentence each before anything loads:
-they belong to UNet bases and ε/v-prediction schedules, and silently ignoring them would train something else
-than the preset says."""
+"""Preset keys a family cannot honour, refused in one sentence each before anything loads: on a flow-matching
+family (Flux.1) those of UNet bases and ε/v-prediction schedules, elsewhere Flux's own network keys. Silently
+ignoring them would train something else than the preset says."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from lorasmith.train.schema import ConfigError
 
 
 def check_flow_preset(family, config) -> None:
-    """Nothing for a diffusion family; a ConfigError naming the first key that does not apply to `family`."""
+    """A ConfigError naming the first key that does not apply to `family`: UNet and ε/v keys on Flux, Flux's own
+    network keys elsewhere."""
     if family.objective != "flow":
+        for key, what in (("split_qkv", "fused q/k/v layers"), ("train_t5xxl", "T5-XXL")):
+            if getattr(config.network, key):
+                raise ConfigError(f"network.{key} is a Flux.1 setting; {family.label} has no {what}: remove the key")
         return
     from lorasmith.train.blocks import BLOCK_KEYS
 

@@ -184,7 +184,8 @@ def _adapted(arch: Arch, setup: StepSetup, device: str):
     """The family, the UNet and the text encoders the step needs, loaded and adapted as the trainer does it."""
     from lorasmith.models.families import family_named
     from lorasmith.train.blocks import plan_blocks
-    from lorasmith.train.network import add_text_lora, add_unet_lora, freeze_base, network_options
+    from lorasmith.train.network import (add_text_lora, add_unet_lora, freeze_base, network_options,
+                                         share_fused_downs)
 
     n, family = setup.network, family_named(arch.family)
     family.configure(arch.unet)
@@ -196,8 +197,10 @@ def _adapted(arch: Arch, setup: StepSetup, device: str):
     blocks = plan_blocks(n, arch.family, arch.unet.get("layers_per_block", 2))
     _build(device, add_unet_lora, unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
            n.network_target, blocks=blocks, targets=family.targets(n.network_target), **options)
+    if not n.split_qkv:
+        share_fused_downs(unet, family.fused_parts(unet))
     freeze_base(unet)
-    for index, encoder in enumerate(texts[: family.trained_texts] if setup.text == "trained" else []):
+    for index, encoder in enumerate(texts[: family.texts_trained(n)] if setup.text == "trained" else []):
         used = family.layers_used(index, encoder.config.num_hidden_layers, setup.clip_skip)
         _build(device, add_text_lora, encoder, n.network_dim, n.network_alpha, n.network_dropout, used, **options)
         freeze_base(encoder)
@@ -319,7 +322,7 @@ def simulate_step(arch: Arch, setup: StepSetup, device: str = "meta", real_autoc
     estimate, "cpu" with real tensors for the bench; `real_autocast` uses torch.autocast instead of `Autocast`;
     `before_step()` is called once the model is built, just before the step (the bench resets its RSS peak)."""
     family, unet, texts = _adapted(arch, setup, device)
-    trained = texts[: family.trained_texts] if setup.text == "trained" else []
+    trained = texts[: family.texts_trained(setup.network)] if setup.text == "trained" else []
     parts = [describe(model) for model in [unet, *texts]]
     amp = _amp(setup, real_autocast)
     if setup.checkpointing:

@@ -25,6 +25,9 @@ upsamplers, at conv_dim for the 3×3 kernels and network_dim for the rest."""
 CONV_3X3 = r"resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.0\.conv"
 TEXT_TARGETS = r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
 """The text encoders' attention and MLP layers (CLIPAttention, CLIPMLP), as Kohya's."""
+T5_TARGETS = r"encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi|wi_0|wi_1|wo))"
+"""T5-XXL's (Flux's second encoder) attention and gated MLP layers (T5Attention, T5DenseGatedActDense), as Kohya's
+lora_flux."""
 
 
 def unet_targets(target: str = "kohya", conv: bool = False) -> str:
@@ -88,6 +91,20 @@ def add_unet_lora(unet, dim: int, alpha: float, dropout: float = 0.0, conv_dim: 
     return _prepared(inject_adapter_in_model(config, unet), module, config)
 
 
+def share_fused_downs(model, groups: dict[str, list[str]]) -> int:
+    """Each fused layer's parts (`groups`, a family's `fused_parts`: Flux's q, k, v, and in single blocks the MLP
+    input too) made to share their first part's down projection, the number of downs shared. The parts read the
+    same input, so one down with the parts' ups stacked is exactly the single LoRA Kohya trains on the fused
+    weight (sd-scripts' default, split_qkv = false): rank r, not r per part."""
+    layers, shared = lora_layers(model), 0
+    for paths in groups.values():
+        first = layers[paths[0]]
+        for path in paths[1:]:
+            layers[path].lora_A["default"] = first.lora_A["default"]
+            shared += 1
+    return shared
+
+
 def _block_targets(unet, target: str, blocks) -> tuple[list[str], dict]:
     """The module list and rank/alpha patterns of a block plan: the target set's modules (with the convolution
     set when any block has a conv rank), less those in blocks at rank 0."""
@@ -129,11 +146,14 @@ def adapter_path(param_name: str) -> str:
 def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, layers: int | None = None,
                   module: str = "lora", **extra):
     """Adapters on the first `layers` encoder layers (all when None): layers after the one whose output is used
-    (clip skip, SDXL's penultimate layer) would never receive a gradient, and would be saved as untrained."""
+    (clip skip, SDXL's penultimate layer) would never receive a gradient, and would be saved as untrained. A T5
+    encoder (Flux's) takes T5_TARGETS, every block."""
     from peft import inject_adapter_in_model
 
     targets = TEXT_TARGETS
-    if layers is not None:
+    if getattr(text_encoder.config, "model_type", "") == "t5":
+        targets = T5_TARGETS
+    elif layers is not None:
         targets = targets.replace(r"layers\.\d+\.", rf"layers\.(?:{'|'.join(map(str, range(layers)))})\.")
     config = adapter_config(module, dim, alpha, f"^(?:{targets})$", dropout=dropout, **extra)
     return _prepared(inject_adapter_in_model(config, text_encoder), module, config)

@@ -124,6 +124,14 @@ class NetworkConfig:
     network_target: Literal["kohya", "attention"] = "kohya"
     """kohya: every Linear and 1×1 convolution in the UNet's transformer blocks, as Kohya's networks/lora.py and
     every civitai recipe assume; attention: the attention projections alone (the LoRA paper's choice)."""
+    split_qkv: bool = False
+    """Flux only. false (Kohya's default): each fused BFL layer (a double block's img/txt qkv, a single block's
+    linear1) is one LoRA of network_dim, its q, k, v (and MLP input) parts sharing one down projection; true: each
+    part has its own down, the file's fused modules then have rank 3× (linear1 4×) network_dim, as Kohya's
+    split_qkv=True writes them."""
+    train_t5xxl: bool = False
+    """Flux only: adapters on T5-XXL too (`lora_te3_…`), at optimizer.text_encoder_lr. T5's outputs can then not be
+    cached, and its 4.7 B parameters stay on the card during training: mostly not worth it (Kohya's view too)."""
     # Kohya's block-wise settings (train/blocks.py), lora and locon only. Blocks as the original UNet counts
     # them: SD1.x/SD2.x 25 = input_blocks 0-11, middle_block, output_blocks 0-11; SDXL 23 = embeddings,
     # input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out. Empty: not used.

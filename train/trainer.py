@@ -168,7 +168,8 @@ class Trainer(RunEvents):
 
         from lorasmith.train.blocks import plan_blocks
         from lorasmith.train.network import (add_text_lora, add_unet_lora, describe_network, freeze_base,
-                                             lora_parameters, network_options, unet_param_groups)
+                                             lora_parameters, network_options, share_fused_downs,
+                                             unet_param_groups)
         from lorasmith.train.optim import build_optimizer, build_scheduler
 
         n, o, t = self.config.network, self.config.optimizer, self.config.training
@@ -178,6 +179,8 @@ class Trainer(RunEvents):
         options = network_options(n)
         add_unet_lora(self.unet, n.network_dim, n.network_alpha, n.network_dropout, n.conv_dim, n.conv_alpha,
                       n.network_target, blocks=blocks, targets=self.family.targets(n.network_target), **options)
+        if not n.split_qkv:
+            share_fused_downs(self.unet, self.family.fused_parts(self.unet))
         freeze_base(self.unet)
         groups = unet_param_groups(self.unet, o.unet_lr or o.learning_rate, blocks)
         texts = self.trained_texts()
@@ -215,7 +218,7 @@ class Trainer(RunEvents):
 
     def trained_texts(self) -> list:
         """The text encoders that take adapters: none when they stay frozen, else the family's share of them."""
-        return self.conditioner.encoders[: self.family.trained_texts] if self.train_text else []
+        return self.conditioner.encoders[: self.family.texts_trained(self.config.network)] if self.train_text else []
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> Result:

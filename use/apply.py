@@ -8,6 +8,7 @@ so any mix of files at any weights is `set_adapters`; merged, ΔW is added to th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lorasmith.lorafile.export import text_key
@@ -26,8 +27,8 @@ class Layer:
 
 def layer_table(unet, text_encoder=None, aliases: bool = True, text_encoder_2=None) -> dict[str, Layer]:
     """Kohya name → layer, for every linear and convolution a LoRA may adapt; with `aliases`, UNet layers are
-    also found under their original block names. With `text_encoder_2` (SDXL) the encoders are `lora_te1`
-    and `lora_te2`, else the one encoder is `lora_te`."""
+    also found under their original block names. With `text_encoder_2` the encoders are `lora_te1` and
+    `lora_te2` (SDXL) or `lora_te3` (Flux's T5-XXL), else the one encoder is `lora_te`."""
     import torch
     from functools import partial
 
@@ -43,8 +44,8 @@ def layer_table(unet, text_encoder=None, aliases: bool = True, text_encoder_2=No
     if text_encoder is not None:
         parts.append(("text_encoder", text_encoder,
                       partial(text_key, prefix="lora_te1") if text_encoder_2 is not None else text_key))
-    if text_encoder_2 is not None:
-        parts.append(("text_encoder_2", text_encoder_2, partial(text_key, prefix="lora_te2")))
+    if text_encoder_2 is not None:  # Flux's T5-XXL is Kohya's `lora_te3` (OneTrainer's `lora_te2`, an alias)
+        parts.append(("text_encoder_2", text_encoder_2, partial(text_key, prefix="lora_te3" if flux else "lora_te2")))
     for component, model, keyer in parts:
         for path, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in path:
@@ -57,6 +58,8 @@ def layer_table(unet, text_encoder=None, aliases: bool = True, text_encoder_2=No
             table[key] = Layer(component, path, tuple(module.weight.shape))
     if aliases:
         table.update(_original_aliases(unet, table))
+    if flux:
+        table.update({"lora_te2" + key[8:]: layer for key, layer in table.items() if key.startswith("lora_te3_")})
     return table
 
 
@@ -179,8 +182,28 @@ def load_adapters(pipe, loras: dict[str, Lora]) -> None:
     table = layer_table(denoiser, pipe.text_encoder, text_encoder_2=getattr(pipe, "text_encoder_2", None))
     split = {name: split_fused(lora, table) for name, lora in loras.items()}
     states = {name: peft_state_dict(lora, bind(lora, table)) for name, lora in split.items()}
+    own = set(type(pipe)._lora_loadable_modules)
+    extra = sorted({key.split(".", 1)[0] for state in states.values() for key in state} - own)
+    if extra:  # Flux's T5-XXL: FluxPipeline loads LoRAs into CLIP-L alone; set_adapters then reaches T5 too
+        pipe._lora_loadable_modules = [*type(pipe)._lora_loadable_modules, *extra]
     for name, state in states.items():
-        pipe.load_lora_weights(state, adapter_name=name)
+        pipe.load_lora_weights({k: v for k, v in state.items() if k.split(".", 1)[0] in own}, adapter_name=name)
+        for component in extra:
+            part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(component + ".")}
+            if part:
+                _load_into(getattr(pipe, component), part, name)
+
+
+def _load_into(model, state: dict, name: str) -> None:
+    """peft's own state (scale folded into B) as adapter `name` of a transformers model, at each module's rank."""
+    from peft import LoraConfig
+
+    ranks = {key.removesuffix(".lora_A.weight"): tensor.shape[0] for key, tensor in state.items()
+             if key.endswith(".lora_A.weight")}
+    patterns = {re.escape(path): rank for path, rank in ranks.items()}
+    config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
+                        rank_pattern=patterns, alpha_pattern=patterns)
+    model.load_adapter(adapter_name=name, adapter_state_dict=state, peft_config=config)
 
 
 def activate(pipe, weights: dict[str, float]) -> None:

@@ -24,7 +24,8 @@ def block_of(key: str) -> str:
     if not match:
         return "other"
     if match.group(2):
-        return {"lora_te": "text encoder", "lora_te1": "text encoder 1", "lora_te2": "text encoder 2"}[match.group(2)]
+        return {"lora_te": "text encoder", "lora_te1": "text encoder 1", "lora_te2": "text encoder 2",
+                "lora_te3": "text encoder 3 (T5-XXL)"}.get(match.group(2), "other")
     return match.group(1).replace("_blocks_", "_blocks.")
 
 

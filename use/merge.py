@@ -32,7 +32,8 @@ def lora_metadata(lora: Lora, sources: list[tuple[Lora, float]], note: str) -> d
     ranks = {m.rank for m in lora.modules.values()}
     alphas = {m.alpha for m in lora.modules.values()}
     meta.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora_flux" if meta.get("ss_base_model_version") == "flux1" else
+                             "networks.lora",
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic",
         "ss_training_comment": note,
