@@ -19,8 +19,10 @@ from lorasmith.common.files import atomic_writer
 from lorasmith.models.adapters import lora_layers
 
 _TEXT_PATH = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
-_T5_PATH = re.compile(r"^encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.[qkvo]|"
-                      r"1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo))$")
+T5_MODULES = r"encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo))"
+"""T5-XXL's (Flux's second encoder) attention and gated MLP layers (T5Attention, T5DenseGatedActDense): the ones
+Kohya's lora_flux adapts, named `lora_te3_<path with _>`."""
+_T5_PATH = re.compile(f"^{T5_MODULES}$")
 
 
 def text_key(path: str, prefix: str = "lora_te") -> str:

@@ -66,7 +66,7 @@ def network_arguments(n) -> dict[str, str]:
     if n.network_target != "kohya":
         args["network_target"] = n.network_target
     for key in ("split_qkv", "train_t5xxl"):  # Flux's, written only when set, as Kohya's --network_args
-        if getattr(n, key, False):
+        if getattr(n, key):
             args[key] = "True"
     args.update(block_arguments(n))
     return args

@@ -30,12 +30,10 @@ class ModelFamily:
     prompt_tokens = 0
     """`lora generate` encodes a prompt whole to this many tokens with `encode` (Flux's T5: 512), instead of
     A1111's weighted 77-token chunks (0)."""
-    trained_texts: int | None = None
-    """How many of the text encoders take adapters when the text encoders train; None: all."""
-
     def texts_trained(self, network) -> int | None:
-        """`trained_texts` for a preset's network section (Flux's train_t5xxl adds T5-XXL)."""
-        return self.trained_texts
+        """How many of the text encoders take adapters when the text encoders train, for a preset's network
+        section; None: all."""
+        return None
 
     # What `lora generate` asks of a family.
     size_conditioned = False

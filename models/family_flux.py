@@ -77,8 +77,6 @@ class Flux(ModelFamily):
     objective = "flow"
     denoiser = "transformer"
     prompt_tokens = 512
-    trained_texts = 1
-    """With text_encoder_lr, CLIP-L trains (Kohya's default); T5-XXL only with network.train_t5xxl."""
     clip_skip_note = "Flux reads T5's last layer and CLIP's pooled embedding"
     public_text = (768, 12)
     guided = True
@@ -89,6 +87,7 @@ class Flux(ModelFamily):
         self.guided = bool(config.get("guidance_embeds", False))
 
     def texts_trained(self, network) -> int:
+        """With text_encoder_lr, CLIP-L trains (Kohya's default); T5-XXL only with network.train_t5xxl."""
         return 2 if network.train_t5xxl else 1
 
     def text_length(self, dataset) -> int:

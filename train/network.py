@@ -25,9 +25,6 @@ upsamplers, at conv_dim for the 3×3 kernels and network_dim for the rest."""
 CONV_3X3 = r"resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.0\.conv"
 TEXT_TARGETS = r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
 """The text encoders' attention and MLP layers (CLIPAttention, CLIPMLP), as Kohya's."""
-T5_TARGETS = r"encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi|wi_0|wi_1|wo))"
-"""T5-XXL's (Flux's second encoder) attention and gated MLP layers (T5Attention, T5DenseGatedActDense), as Kohya's
-lora_flux."""
 
 
 def unet_targets(target: str = "kohya", conv: bool = False) -> str:
@@ -147,12 +144,14 @@ def add_text_lora(text_encoder, dim: int, alpha: float, dropout: float = 0.0, la
                   module: str = "lora", **extra):
     """Adapters on the first `layers` encoder layers (all when None): layers after the one whose output is used
     (clip skip, SDXL's penultimate layer) would never receive a gradient, and would be saved as untrained. A T5
-    encoder (Flux's) takes T5_TARGETS, every block."""
+    encoder (Flux's) takes Kohya's T5 set in every block."""
     from peft import inject_adapter_in_model
+
+    from lorasmith.lorafile.export import T5_MODULES
 
     targets = TEXT_TARGETS
     if getattr(text_encoder.config, "model_type", "") == "t5":
-        targets = T5_TARGETS
+        targets = T5_MODULES
     elif layers is not None:
         targets = targets.replace(r"layers\.\d+\.", rf"layers\.(?:{'|'.join(map(str, range(layers)))})\.")
     config = adapter_config(module, dim, alpha, f"^(?:{targets})$", dropout=dropout, **extra)

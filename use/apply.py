@@ -59,7 +59,8 @@ def layer_table(unet, text_encoder=None, aliases: bool = True, text_encoder_2=No
     if aliases:
         table.update(_original_aliases(unet, table))
     if flux:
-        table.update({"lora_te2" + key[8:]: layer for key, layer in table.items() if key.startswith("lora_te3_")})
+        table.update({key.replace("lora_te3_", "lora_te2_", 1): layer for key, layer in table.items()
+                      if key.startswith("lora_te3_")})
     return table
 
 
